@@ -1,0 +1,1 @@
+"""Benchmarks: a serving load generator (`bench serve`) and device throughput (`bench device`)."""

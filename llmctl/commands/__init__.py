@@ -1,0 +1,1 @@
+"""One module per noun; each is a thin layer over server/services."""

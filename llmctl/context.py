@@ -1,0 +1,28 @@
+"""What every command shares: settings, built once per invocation, and the database."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import typer
+
+from server.config import Settings
+
+
+@dataclass
+class AppContext:
+    settings: Settings = field(default_factory=Settings)
+
+    @cached_property
+    def db(self):
+        from server.db.engine import Database
+
+        return Database.from_settings(self.settings)
+
+
+def get(ctx: typer.Context) -> AppContext:
+    root = ctx.find_root()
+    if root.obj is None:
+        root.obj = AppContext()
+    return root.obj

@@ -1,0 +1,1 @@
+"""Database access: the ORM schema (tables) and engine/session handling (engine)."""
