@@ -46,7 +46,9 @@ def make_engine(url: str) -> Engine:
     try:
         parsed = make_url(url)
     except ArgumentError:
-        raise ConfigError(f"database URL is not valid: {redact(url)}") from None
+        # Not echoed: an unparsable URL may still hold a password.
+        raise ConfigError("database URL is not valid: expected "
+                          "dialect+driver://user:password@host:port/database") from None
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
@@ -56,7 +58,8 @@ def make_engine(url: str) -> Engine:
     try:
         return create_engine(
             url, pool_pre_ping=True, pool_size=10, max_overflow=20,
-            connect_args={"connect_timeout": 5} if parsed.get_backend_name() == "postgresql" else {},
+            connect_args={"connect_timeout": 5} if parsed.get_backend_name() == "postgresql"
+            else {},
         )
     except (ArgumentError, ImportError) as exc:
         raise ConfigError(f"database URL {redact(url)}: {exc}") from None

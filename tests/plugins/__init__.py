@@ -1,0 +1,1 @@
+"""Shared pytest fixtures: real PostgreSQL, test models, live `llmctl serve` processes."""
