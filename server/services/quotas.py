@@ -1,0 +1,190 @@
+"""Monthly token quotas: reserve on admission, settle to the real count, report.
+
+A key's ledger for a calendar month (UTC) is one `quota_months` row:
+`used_tokens` is settled usage, `reserved_tokens` is held by requests in flight.
+Admission is a single conditional UPDATE
+
+    UPDATE quota_months SET reserved_tokens = reserved_tokens + :n
+     WHERE key_id = :k AND month = :m AND used_tokens + reserved_tokens + :n <= :quota
+
+so any number of concurrent requests, in any number of replicas sharing the
+database, can never hold or spend more than the quota together (Postgres re-checks
+the WHERE on the locked row; SQLite serializes writers). Settling moves the
+reservation to the real count; releasing (an error) is settling to 0.
+
+Keys without a quota skip the ledger (no writes on their hot path); their "used"
+figure comes from the usage aggregates. When a month's row is first created, or a
+quota is set on a key that had none, `used_tokens` starts from those aggregates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import datetime
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from server.db.tables import ApiKey, QuotaMonth, UsageMonthly, utcnow
+from server.services import keys as keysvc
+from server.services.keys import KeyInfo
+
+LIMITS = ("rpm", "tpm", "max_concurrency", "monthly_token_quota")
+
+
+def current_month(now: datetime | None = None) -> str:
+    return (now or utcnow()).strftime("%Y-%m")
+
+
+def next_month_start(month: str) -> datetime:
+    year, mon = (int(p) for p in month.split("-"))
+    return datetime(year + mon // 12, mon % 12 + 1, 1)
+
+
+def effective_limits(settings, key: KeyInfo) -> dict[str, int]:
+    """A key's own limits, or its role's defaults where unset. 0 means unlimited."""
+    prefix = "admin" if key.is_admin else "default"
+    defaults = {
+        "rpm": getattr(settings, f"{prefix}_rpm"),
+        "tpm": getattr(settings, f"{prefix}_tpm"),
+        "max_concurrency": getattr(settings, f"{prefix}_max_concurrency"),
+        "monthly_token_quota": getattr(settings, f"{prefix}_monthly_tokens"),
+    }
+    return {f: (getattr(key, f) if getattr(key, f) is not None else defaults[f]) for f in LIMITS}
+
+
+def _usage_charged(s, key_id: int, month: str) -> int:
+    return int(s.scalar(select(func.coalesce(func.sum(UsageMonthly.charged_tokens), 0)).where(
+        UsageMonthly.key_id == key_id, UsageMonthly.month == month)) or 0)
+
+
+def _insert_ignore(db):
+    return (sqlite.insert if db.is_sqlite else postgresql.insert)(QuotaMonth)
+
+
+def _ensure_row(db, s, key_id: int, month: str) -> None:
+    stmt = _insert_ignore(db).values(key_id=key_id, month=month,
+                                     used_tokens=_usage_charged(s, key_id, month),
+                                     reserved_tokens=0)
+    s.execute(stmt.on_conflict_do_nothing(index_elements=["key_id", "month"]))
+
+
+def reserve(db, key_id: int, month: str, tokens: int, quota: int) -> bool:
+    """Hold `tokens` of the month's `quota`; False (nothing held) if they do not fit."""
+    cond = update(QuotaMonth).where(
+        QuotaMonth.key_id == key_id, QuotaMonth.month == month,
+        QuotaMonth.used_tokens + QuotaMonth.reserved_tokens + tokens <= quota,
+    ).values(reserved_tokens=QuotaMonth.reserved_tokens + tokens).execution_options(
+        synchronize_session=False)
+    with db.session() as s:
+        if s.execute(cond).rowcount == 1:
+            return True
+        exists = s.scalar(select(QuotaMonth.key_id).where(
+            QuotaMonth.key_id == key_id, QuotaMonth.month == month))
+        if exists is not None:
+            return False
+    # First request of the month: create the row in its own transaction (a
+    # concurrent creator is ignored), then admit conditionally as usual.
+    with db.session() as s:
+        _ensure_row(db, s, key_id, month)
+    with db.session() as s:
+        return s.execute(cond).rowcount == 1
+
+
+def settle(db, key_id: int, month: str, reserved: int, charged: int) -> None:
+    """Turn a reservation into `charged` used tokens (0 releases it)."""
+    with db.session() as s:
+        s.execute(update(QuotaMonth).where(
+            QuotaMonth.key_id == key_id, QuotaMonth.month == month,
+        ).values(used_tokens=QuotaMonth.used_tokens + charged,
+                 reserved_tokens=QuotaMonth.reserved_tokens - reserved,
+                 ).execution_options(synchronize_session=False))
+
+
+def ledger(db, key_id: int, month: str) -> tuple[int, int] | None:
+    """(used, reserved) from the month's row, or None when there is none."""
+    with db.session() as s:
+        row = s.get(QuotaMonth, (key_id, month))
+        return (row.used_tokens, row.reserved_tokens) if row else None
+
+
+@dataclass(frozen=True)
+class QuotaStatus:
+    """One key's limits and month-to-date quota. `to_dict` is the documented JSON shape."""
+
+    key_id: int
+    key_name: str
+    key_prefix: str
+    role: str
+    month: str
+    monthly_token_quota: int  # effective; 0 = unlimited
+    used_tokens: int
+    reserved_tokens: int
+    remaining_tokens: int | None  # None when unlimited
+    resets_at: str
+    rpm: int
+    tpm: int
+    max_concurrency: int
+    # Which of the four come from the key itself (the rest are role defaults).
+    own_limits: list[str]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _status(s, settings, key: KeyInfo, month: str) -> QuotaStatus:
+    limits = effective_limits(settings, key)
+    quota = limits["monthly_token_quota"]
+    row = s.get(QuotaMonth, (key.id, month))
+    if quota and row is not None:
+        used, reserved = row.used_tokens, row.reserved_tokens
+    else:
+        used, reserved = _usage_charged(s, key.id, month), (row.reserved_tokens if row else 0)
+    return QuotaStatus(
+        key_id=key.id, key_name=key.name, key_prefix=key.prefix, role=key.role, month=month,
+        monthly_token_quota=quota, used_tokens=used, reserved_tokens=reserved,
+        remaining_tokens=max(0, quota - used - reserved) if quota else None,
+        resets_at=next_month_start(month).isoformat() + "Z",
+        rpm=limits["rpm"], tpm=limits["tpm"], max_concurrency=limits["max_concurrency"],
+        own_limits=[f for f in LIMITS if getattr(key, f) is not None],
+    )
+
+
+def get_quota(db, settings, ref: str | int, month: str | None = None) -> QuotaStatus:
+    """A key's (by id, name or prefix) limits and quota for `month` (default: now)."""
+    month = month or current_month()
+    with db.session() as s:
+        key = KeyInfo.from_row(keysvc._find_row(s, ref))
+        return _status(s, settings, key, month)
+
+
+def list_quotas(db, settings, month: str | None = None, *,
+                include_revoked: bool = False) -> list[QuotaStatus]:
+    month = month or current_month()
+    with db.session() as s:
+        query = select(ApiKey).order_by(ApiKey.id)
+        if not include_revoked:
+            query = query.where(ApiKey.revoked_at.is_(None))
+        return [_status(s, settings, KeyInfo.from_row(r), month) for r in s.scalars(query)]
+
+
+def set_limits(db, settings, ref: str | int, *, monthly_token_quota: int | None = None,
+               rpm: int | None = None, tpm: int | None = None,
+               max_concurrency: int | None = None) -> QuotaStatus:
+    """Change a key's limits (None leaves one alone, 0 = unlimited) and return its status.
+
+    A key that had no quota has no up-to-date ledger; giving it one re-reads this
+    month's usage so the quota counts what was already spent."""
+    before = keysvc.get_key(db, ref)
+    had_quota = effective_limits(settings, before)["monthly_token_quota"] > 0
+    after = keysvc.update_key(db, before.id, monthly_token_quota=monthly_token_quota, rpm=rpm,
+                              tpm=tpm, max_concurrency=max_concurrency)
+    month = current_month()
+    if not had_quota and effective_limits(settings, after)["monthly_token_quota"] > 0:
+        with db.session() as s:
+            _ensure_row(db, s, after.id, month)
+            s.execute(update(QuotaMonth).where(
+                QuotaMonth.key_id == after.id, QuotaMonth.month == month,
+            ).values(used_tokens=_usage_charged(s, after.id, month)).execution_options(
+                synchronize_session=False))
+    return get_quota(db, settings, after.id, month)
