@@ -1,0 +1,83 @@
+"""`llmctl cache`: stats, clear and purge of the completion cache."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from llmctl import context, output
+from llmctl.output import JsonOption
+from server.services import cache as svc
+from server.services.keys import parse_duration
+
+app = typer.Typer(help="Inspect and empty the completion cache.", no_args_is_help=True)
+
+Model = Annotated[str | None, typer.Option("--model", help="Only this model.")]
+
+COLUMNS = ["model", "entries", "size", "hits", "misses", "bypasses", "hit ratio"]
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _ratio(r: float | None) -> str:
+    return "-" if r is None else f"{r:.1%}"
+
+
+def _row(d: dict) -> list:
+    return [d["model"], d["entries"], _size(d["bytes"]), d["hits"], d["misses"], d["bypasses"],
+            _ratio(d["hit_ratio"])]
+
+
+def _redis_note(result: dict) -> str:
+    redis = result.get("redis")
+    if not redis:
+        return ""
+    if "error" in redis:
+        return f"\n[yellow]warning:[/yellow] {redis['error']}; its copies expire by TTL."
+    return f" Redis: {redis['deleted']} removed."
+
+
+@app.command()
+def stats(ctx: typer.Context, model: Model = None, as_json: JsonOption = False):
+    """Show entries, bytes, hits, misses and hit ratio, by model."""
+    data = svc.stats(context.get(ctx).db, model=model)
+
+    def render():
+        t = output.table("Completion cache", COLUMNS, [_row(d) for d in data["models"]])
+        if len(data["models"]) != 1:
+            t.add_row(*[str(v) for v in _row({**data, "model": "total"})], style="bold")
+        return t
+
+    output.emit(data, as_json, render)
+
+
+@app.command()
+def clear(ctx: typer.Context, model: Model = None, as_json: JsonOption = False):
+    """Delete every cached completion (or one model's)."""
+    app_ctx = context.get(ctx)
+    result = svc.clear(app_ctx.db, model=model, redis_url=app_ctx.settings.redis_active_url)
+    what = f"model {model}" if model else "all models"
+    output.emit(result, as_json,
+                lambda: f"Cleared {result['deleted']} entries ({what}).{_redis_note(result)}")
+
+
+@app.command()
+def purge(
+    ctx: typer.Context,
+    older_than: Annotated[str, typer.Option("--older-than",
+                                            help="Age, e.g. 7d, 12h: entries created before.")],
+    as_json: JsonOption = False,
+):
+    """Delete entries created longer ago than --older-than."""
+    app_ctx = context.get(ctx)
+    age = parse_duration(older_than, param="older-than")
+    result = svc.purge(app_ctx.db, older_than=age, redis_url=app_ctx.settings.redis_active_url)
+    output.emit(result, as_json, lambda: (
+        f"Purged {result['deleted']} entries older than {older_than}.{_redis_note(result)}"))

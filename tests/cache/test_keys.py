@@ -1,0 +1,95 @@
+"""Cache keys: what is cacheable, and which changes make a different entry."""
+
+import pytest
+
+from server.errors import InvalidRequest
+from server.services.cache import CompletionCache, parse_controls, prompt_hash
+from tests.cache.conftest import make_settings
+
+BASE = dict(max_tokens=16, stop=["\n"], temperature=0, top_p=1.0, top_k=0, seed=None,
+            logprobs=None, echo=False, n=1, api="completions")
+
+
+def key(cache, prompt="Hello", model="tiny", revision=None, key_id=None, **params):
+    return cache.key_for(model=model, revision=revision, prompt=prompt,
+                         params={**BASE, **params}, key_id=key_id)
+
+
+@pytest.fixture
+def cache():
+    return CompletionCache(make_settings(), db=None)
+
+
+def test_greedy_and_seeded_are_cacheable_sampling_without_seed_is_not(cache):
+    assert key(cache) is not None
+    assert key(cache, temperature=0.7, seed=3) is not None
+    assert key(cache, temperature=0.7) is None
+    assert key(cache, temperature=None) is None  # the OpenAI default samples
+
+
+def test_same_request_same_key_numbers_and_nulls_normalised(cache):
+    a = key(cache)
+    assert a.key == key(cache).key
+    assert a.key == key(cache, temperature=0.0, top_p=1).key
+    assert a.key == key(cache, stop="\n").key  # a single stop string is a list of one
+    assert a.key == key(cache, extra=None).key  # a null parameter is an absent one
+    assert len(a.key) == 64 and a.scope == "global" and a.model == "tiny"
+
+
+@pytest.mark.parametrize("change", [
+    {"max_tokens": 17}, {"stop": ["."]}, {"temperature": 0.5, "seed": 1}, {"top_p": 0.9},
+    {"top_k": 5}, {"seed": 1}, {"logprobs": 2}, {"echo": True}, {"n": 2}, {"api": "chat"},
+])
+def test_every_output_parameter_changes_the_key(cache, change):
+    assert key(cache, **change).key != key(cache).key
+    assert key(cache, **change).prompt_hash == key(cache).prompt_hash
+
+
+def test_prompt_model_and_revision_change_the_key(cache):
+    base = key(cache).key
+    assert key(cache, prompt="Hello ").key != base
+    assert key(cache, model="other").key != base
+    assert key(cache, revision="abc").key != base
+
+
+def test_prompt_forms_never_collide():
+    assert prompt_hash("[1, 2]") != prompt_hash([1, 2])
+    assert prompt_hash([1, 2]) == prompt_hash((1, 2))
+    msgs = [{"role": "user", "content": "hi"}]
+    assert prompt_hash(msgs) != prompt_hash("hi")
+    assert prompt_hash(msgs) == prompt_hash([{"content": "hi", "role": "user"}])
+
+
+def test_scope_key_isolates_tenants():
+    glob = CompletionCache(make_settings(), db=None)
+    assert key(glob, key_id=1).key == key(glob, key_id=2).key
+    per_key = CompletionCache(make_settings(cache_scope="key"), db=None)
+    a, b = key(per_key, key_id=1), key(per_key, key_id=2)
+    assert a.key != b.key and a.scope == "key:1" and b.scope == "key:2"
+    assert a.key != key(glob, key_id=1).key
+
+
+def test_disabled_cache_caches_nothing():
+    assert key(CompletionCache(make_settings(cache_enabled=False), db=None)) is None
+
+
+@pytest.mark.parametrize("header, field, lookup, store", [
+    (None, None, True, True),
+    ("no-cache", None, False, True),
+    ("no-store", None, True, False),
+    ("No-Cache, no-store", None, False, False),
+    ("max-age=0", None, True, True),
+    (None, True, True, True),
+    (None, False, False, False),
+    (None, "no-store", True, False),
+    (None, "no-cache", False, True),
+    ("no-store", "no-cache", False, False),
+])
+def test_controls(header, field, lookup, store):
+    ctl = parse_controls(header, field)
+    assert (ctl.lookup, ctl.store) == (lookup, store)
+
+
+def test_bad_cache_field_is_a_400():
+    with pytest.raises(InvalidRequest):
+        parse_controls(None, 3)
