@@ -135,7 +135,9 @@ def _sync(device: str) -> None:
 def load_model(spec: ModelSpec, device: str, dtype):
     """The model from its directory or hub id; a failure is a configuration error."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own progress bar is on screen
     try:
         model = AutoModelForCausalLM.from_pretrained(spec.source, revision=spec.revision,
                                                      dtype=dtype)

@@ -80,20 +80,6 @@ _WORDS = (
 ).split()
 
 
-def parse_levels(text: str) -> list[int]:
-    """'1,8,32' → [1, 8, 32]; every level a positive integer."""
-    try:
-        levels = [int(part) for part in text.replace(" ", "").split(",") if part]
-    except ValueError:
-        levels = []
-    if not levels or any(level <= 0 for level in levels):
-        raise InvalidRequest(
-            f"--concurrency: expected positive integers separated by commas, got {text!r}",
-            param="concurrency",
-        )
-    return levels
-
-
 def base_url(url: str) -> str:
     """The server root: `http://h:p`, `http://h:p/` and `http://h:p/v1` all give `http://h:p`."""
     url = url.strip().rstrip("/")
@@ -305,6 +291,8 @@ class ServeBench:
         cfg = self.config
         if cfg.prompt_len <= 0 or cfg.gen_len <= 0:
             raise InvalidRequest("--prompt-len and --gen-len must be positive")
+        if not cfg.concurrency or any(level <= 0 for level in cfg.concurrency):
+            raise InvalidRequest("--concurrency: levels must be positive", param="concurrency")
         if cfg.request_rate <= 0:
             raise InvalidRequest("--request-rate must be positive (or inf)", param="request_rate")
         started = datetime.now(UTC)
