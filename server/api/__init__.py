@@ -1,0 +1,1 @@
+"""The HTTP surface: the FastAPI app, its middleware, dependencies and routes."""

@@ -1,0 +1,74 @@
+"""create_app(settings): the FastAPI gateway.
+
+Everything stateful (database, engines, log writer, limiter, cache, Redis) is built
+in the lifespan and kept on `app.state.llmctl`; nothing is created at import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from server.api import errors, metrics
+from server.api.middleware import RequestContextMiddleware
+from server.api.routes import generate, health, openai
+from server.api.routes import models as model_routes
+from server.api.serving import Gateway
+from server.api.state import AppState
+from server.config import ModelsConfig, Settings, load_models_config
+from server.db.engine import Database
+from server.engines.manager import EngineFactory, MultiModelManager, default_engine_factory
+from server.services.limits import Limiter
+from server.services.logstore import LogStore
+from server.services.redisconn import RedisHandle
+
+log = logging.getLogger("llmctl.api")
+
+
+def create_app(settings: Settings | None = None, models: ModelsConfig | None = None, *,
+               engine_factory: EngineFactory = default_engine_factory) -> FastAPI:
+    settings = settings or Settings()
+    models = models if models is not None else load_models_config(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        db = Database.from_settings(settings)
+        await asyncio.to_thread(db.ensure_schema)
+        redis = RedisHandle.from_settings(settings)
+        if redis is not None:
+            await redis.connect()
+        manager = MultiModelManager(models, settings, engine_factory)
+        logstore = LogStore(db, interval=settings.log_flush_interval,
+                            batch_size=settings.log_batch_size, keep_text=settings.log_prompts)
+        logstore.start()
+        limiter = Limiter(settings, db, redis)
+        state = AppState(settings=settings, models=models, db=db, manager=manager,
+                         logstore=logstore, redis=redis, limiter=limiter,
+                         started_at=int(time.time()))
+        state.gateway = Gateway(settings, manager, limiter=limiter, cache=state.cache)
+        app.state.llmctl = state
+        metrics.watch_engines(manager)
+        if settings.preload:
+            await manager.preload()
+        try:
+            yield
+        finally:
+            # uvicorn has finished in-flight requests by now; write their logs last.
+            await limiter.close()
+            await manager.close()
+            await logstore.close()
+            if redis is not None:
+                await redis.close()
+            db.dispose()
+
+    app = FastAPI(title="llmctl", version="0.1.0", lifespan=lifespan,
+                  docs_url="/docs", redoc_url=None)
+    app.add_middleware(RequestContextMiddleware)
+    errors.install(app)
+    for module in (health, generate, openai, model_routes):
+        app.include_router(module.router)
+    return app

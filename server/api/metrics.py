@@ -1,0 +1,57 @@
+"""Prometheus metrics: defined once here, on prometheus-client's default registry.
+
+Names follow vLLM's (`vllm:` → `llmctl_`) where one exists, so existing dashboards
+map over with a rename.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import REGISTRY, Collector
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
+                   60, 120)
+
+REQUESTS = Counter("llmctl_requests_total", "API requests by route, model and HTTP status.",
+                   ["route", "model", "status"])
+LATENCY = Histogram("llmctl_request_latency_seconds", "End-to-end request latency.",
+                    ["route", "model"], buckets=LATENCY_BUCKETS)
+PROMPT_TOKENS = Counter("llmctl_prompt_tokens_total", "Prompt tokens processed.", ["model"])
+GENERATION_TOKENS = Counter("llmctl_generation_tokens_total", "Tokens generated.", ["model"])
+TTFT = Histogram("llmctl_time_to_first_token_seconds", "Time to first token of streamed "
+                 "responses.", ["model"], buckets=LATENCY_BUCKETS)
+QUEUE_TIME = Histogram("llmctl_request_queue_time_seconds", "Time a request waited for a "
+                       "batch slot.", ["model"], buckets=LATENCY_BUCKETS)
+LOG_WRITE_ERRORS = Counter("llmctl_request_log_write_errors_total", "Failed request-log "
+                           "flushes (retried).")
+
+
+class EngineCollector(Collector):
+    """Reads queue depth and batch size from the engines at scrape time."""
+
+    def __init__(self, manager):
+        self.manager = manager
+
+    def collect(self):
+        running = GaugeMetricFamily("llmctl_num_requests_running",
+                                    "Requests in the running batch.", labels=["model"])
+        waiting = GaugeMetricFamily("llmctl_num_requests_waiting",
+                                    "Requests waiting for a batch slot.", labels=["model"])
+        for name, stats in self.manager.engine_stats().items():
+            running.add_metric([name], stats.get("running", 0))
+            waiting.add_metric([name], stats.get("waiting", 0))
+        yield running
+        yield waiting
+
+
+_collector: EngineCollector | None = None
+
+
+def watch_engines(manager) -> None:
+    """Point the engine gauges at this app's manager (the latest app wins)."""
+    global _collector
+    if _collector is not None:
+        REGISTRY.unregister(_collector)
+    _collector = EngineCollector(manager)
+    REGISTRY.register(_collector)

@@ -1,0 +1,59 @@
+"""Request context: a request id, timing, metrics and the request-log row.
+
+Pure ASGI (no BaseHTTPMiddleware) so streaming responses pass straight through
+and the cache-hit path pays as little as possible. The log row is submitted when
+the response is finished, streamed or not, successful or not.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from server.api import metrics
+from server.services.logstore import RequestRecord
+
+
+def new_request_id() -> str:
+    return "req_" + uuid.uuid4().hex
+
+
+class RequestContextMiddleware:
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = new_request_id()
+        logged = scope["path"].startswith("/v1/")
+        record = RequestRecord(request_id=request_id, route=scope["path"]) if logged else None
+        scope.setdefault("state", {}).update(record=record, request_id=request_id)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"],
+                                      (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            model = (record.model if record else None) or ""
+            metrics.REQUESTS.labels(route, model, str(status)).inc()
+            metrics.LATENCY.labels(route, model).observe(elapsed)
+            if record is not None:
+                record.route = route if route != "unmatched" else scope["path"][:64]
+                record.status = record.status or status
+                record.latency_ms = elapsed * 1000
+                state = scope.get("app").state if scope.get("app") else None
+                llmctl = getattr(state, "llmctl", None)
+                if llmctl is not None:
+                    llmctl.logstore.submit(record)

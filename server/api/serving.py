@@ -1,0 +1,378 @@
+"""The serving path, top to bottom: check model → admit (limits, quota) → cache →
+engine → settle and log.
+
+Routes translate their API's request into `prepare(...)` and render what `run` or
+`stream` return; everything they have in common lives here, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from server.api import metrics
+from server.config import ModelSpec
+from server.engines.base import (
+    Completion,
+    EngineRequest,
+    ModelEngine,
+    SamplingParams,
+    StreamDelta,
+    TokenLogprob,
+)
+from server.errors import InvalidRequest, PermissionDenied
+from server.services.keys import KeyInfo
+from server.services.logstore import RequestRecord
+
+
+@dataclass
+class CachePolicy:
+    """Per-request cache controls (Cache-Control header, /v1/generate `cache`)."""
+
+    lookup: bool = True
+    store: bool = True
+
+    @classmethod
+    def from_headers(cls, headers, enabled: bool = True) -> CachePolicy:
+        directives = {d.strip().lower() for d in headers.get("cache-control", "").split(",")}
+        return cls(lookup=enabled and "no-cache" not in directives,
+                   store=enabled and "no-store" not in directives)
+
+
+@dataclass
+class Call:
+    """One API request, validated: its model, engine and one EngineRequest per choice."""
+
+    api: str  # generate | completions | chat
+    spec: ModelSpec
+    engine: ModelEngine
+    requests: list[EngineRequest]
+    prompt_texts: list[str]  # exact text each prompt shows the model (cache key, logs)
+    prompt_tokens: int  # over all prompts, each counted once (OpenAI's usage)
+    reserve_tokens: int  # what admission holds against the quota
+    cache_params: dict
+    policy: CachePolicy = field(default_factory=CachePolicy)
+    id: str = ""
+    created: int = 0
+
+
+def completion_from_dict(data: dict) -> Completion:
+    data = dict(data)
+    for key in ("logprobs", "prompt_logprobs"):
+        if data.get(key) is not None:
+            data[key] = [TokenLogprob(**lp) for lp in data[key]]
+    return Completion(**data)
+
+
+@dataclass
+class Outcome:
+    """A finished call: what the route renders, and how it was obtained."""
+
+    id: str
+    created: int
+    choices: list[Completion]
+    cache_status: str  # hit | miss | bypass
+    headers: dict[str, str]
+
+    def cache_value(self) -> dict:
+        return {"id": self.id, "created": self.created,
+                "choices": [dataclasses.asdict(c) for c in self.choices]}
+
+
+_ID_PREFIX = {"generate": "gen-", "completions": "cmpl-", "chat": "chatcmpl-"}
+
+
+class Gateway:
+    def __init__(self, settings, manager, limiter=None, cache=None):
+        self.settings = settings
+        self.manager = manager
+        self.limiter = limiter
+        self.cache = cache
+
+    # --- preparation: everything that can be refused before any work is done
+
+    async def prepare(
+        self, key: KeyInfo, record: RequestRecord | None, *, api: str, model: str | None,
+        params: SamplingParams, prompts: list[str | list[int]] | None = None,
+        messages: list[dict] | None = None, n: int = 1, echo_logprobs: bool = False,
+        max_tokens_field: str = "max_tokens", prompt_field: str = "prompt",
+        policy: CachePolicy | None = None, fit_context: bool = False,
+    ) -> Call:
+        """Resolve and check everything. `fit_context` lowers a default max_new_tokens to
+        what the context leaves (OpenAI chat's behaviour when max_tokens is not given)."""
+        spec = self.manager.spec(model)
+        if record is not None:
+            record.model = spec.name
+        if not key.allows({spec.name, spec.id}):
+            raise PermissionDenied(f"this key may not use model {spec.name!r}", param="model")
+        if params.max_new_tokens > spec.max_new_tokens:
+            raise InvalidRequest(
+                f"{max_tokens_field}: {params.max_new_tokens} is more than model "
+                f"{spec.name!r} allows ({spec.max_new_tokens})", param=max_tokens_field)
+        engine = await self.manager.get(spec)
+
+        if messages is not None:
+            rendered = engine.render_chat(messages)
+            inputs: list[str | list[int] | None] = [None]
+            texts = [rendered if rendered is not None else repr(messages)]
+        else:
+            inputs, texts = list(prompts or []), []
+            for p in inputs:
+                texts.append(p if isinstance(p, str) else " ".join(map(str, p)))
+        counts = [self._count(engine, p, t, messages is not None) for p, t in zip(
+            inputs, texts, strict=True)]
+        limit = engine.max_context
+        if fit_context and limit is not None:
+            room = min(limit - (c or 0) for c in counts)
+            if 0 < room < params.max_new_tokens:
+                params = dataclasses.replace(params, max_new_tokens=room)
+        for count in counts:
+            if limit is not None and count is not None and count + params.max_new_tokens > limit:
+                raise InvalidRequest(
+                    f"{prompt_field}: {count} tokens plus {max_tokens_field} "
+                    f"{params.max_new_tokens} exceeds the context of model {spec.name!r} "
+                    f"({limit} tokens)", param=prompt_field, code="context_length_exceeded")
+
+        requests = [
+            EngineRequest(params=params, prompt=p, messages=messages, echo_logprobs=echo_logprobs)
+            for p in inputs for _ in range(n)
+        ]
+        known = [c if c is not None else len(t) // 3 + 1 for c, t in zip(counts, texts,
+                                                                           strict=True)]
+        call = Call(
+            api=api, spec=spec, engine=engine, requests=requests, prompt_texts=texts,
+            prompt_tokens=sum(c or 0 for c in counts),
+            reserve_tokens=sum(known) * n + params.max_new_tokens * len(requests),
+            cache_params={**dataclasses.asdict(params), "n": n, "echo": echo_logprobs,
+                          "api": api},
+            policy=policy or CachePolicy(),
+            id=_ID_PREFIX[api] + uuid.uuid4().hex, created=int(time.time()),
+        )
+        if record is not None:
+            record.prompt = "\n".join(texts)
+        return call
+
+    @staticmethod
+    def _count(engine: ModelEngine, prompt, text: str, chat: bool) -> int | None:
+        if isinstance(prompt, list):
+            return len(prompt)
+        return engine.count_tokens(text)
+
+    # --- admission, cache and settlement
+
+    def _cache_key(self, key: KeyInfo, call: Call) -> str | None:
+        p = call.requests[0].params
+        deterministic = p.temperature == 0 or p.seed is not None
+        if self.cache is None or not deterministic:
+            return None
+        return self.cache.key_for(
+            model_id=call.spec.id, revision=call.spec.revision, prompt=call.prompt_texts,
+            params=call.cache_params, key_id=key.id)
+
+    async def _admit(self, key: KeyInfo, call: Call):
+        if self.limiter is None:
+            return None
+        return await self.limiter.admit(key, reserve_tokens=call.reserve_tokens)
+
+    @staticmethod
+    def usage(call: Call, outcome: Outcome) -> tuple[int, int]:
+        """(prompt, completion) tokens: each prompt once however many choices it has
+        (OpenAI's convention); remote models report their own prompt counts."""
+        n = max(1, len(call.requests) // max(1, len(call.prompt_texts)))
+        prompt = call.prompt_tokens or sum(c.prompt_tokens for c in outcome.choices[::n])
+        return prompt, sum(c.completion_tokens for c in outcome.choices)
+
+    def _charge(self, call: Call, outcome: Outcome) -> int:
+        if outcome.cache_status == "hit" and not self.settings.cache_hits_charge_quota:
+            return 0
+        return sum(self.usage(call, outcome))
+
+    def _finish(self, record: RequestRecord | None, call: Call, outcome: Outcome,
+                charged: int) -> None:
+        prompt_tokens, completion_tokens = self.usage(call, outcome)
+        if record is not None:
+            record.prompt_tokens = prompt_tokens
+            record.completion_tokens = completion_tokens
+            record.charged_tokens = charged
+            record.cached = outcome.cache_status == "hit"
+            record.cache_status = outcome.cache_status
+            record.finish_reason = outcome.choices[0].finish_reason if outcome.choices else None
+            record.output = "\n".join(c.text for c in outcome.choices)
+        if outcome.cache_status != "hit":
+            metrics.PROMPT_TOKENS.labels(call.spec.name).inc(prompt_tokens)
+            metrics.GENERATION_TOKENS.labels(call.spec.name).inc(completion_tokens)
+
+    async def _generate_all(self, call: Call) -> dict:
+        choices = await asyncio.gather(*(call.engine.generate(r) for r in call.requests))
+        return Outcome(call.id, call.created, list(choices), "miss", {}).cache_value()
+
+    async def run(self, key: KeyInfo, record: RequestRecord | None, call: Call) -> Outcome:
+        """A non-streaming call."""
+        admission = await self._admit(key, call)
+        charged = 0
+        try:
+            cache_key = self._cache_key(key, call)
+            status = "bypass" if cache_key is None or not (
+                call.policy.lookup or call.policy.store) else "miss"
+            value = None
+            if cache_key and call.policy.lookup:
+                value, _layer = await self.cache.get(cache_key)
+                if value is not None:
+                    status = "hit"
+            if value is None:
+                if cache_key and call.policy.lookup:
+                    value, shared = await self.cache.single_flight(
+                        cache_key, lambda: self._generate_all(call))
+                    status = "hit" if shared else status
+                else:
+                    value = await self._generate_all(call)
+                if cache_key and call.policy.store and status == "miss":
+                    await self.cache.put(cache_key, value, model=call.spec.name,
+                                         revision=call.spec.revision, key_id=key.id)
+            outcome = Outcome(value["id"], value["created"],
+                              [completion_from_dict(c) for c in value["choices"]], status,
+                              dict(admission.headers) if admission else {})
+            charged = self._charge(call, outcome)
+            self._finish(record, call, outcome, charged)
+            return outcome
+        finally:
+            if admission is not None:
+                await admission.settle(charged)
+
+    async def stream(self, key: KeyInfo, record: RequestRecord | None,
+                     call: Call) -> tuple[dict[str, str], str, AsyncIterator]:
+        """A streaming call: (headers, cache status, events). Errors that can refuse the
+        request (limits, a full queue) are raised here, before the response starts.
+        Events are (choice index, StreamDelta | Completion)."""
+        admission = await self._admit(key, call)
+        headers = dict(admission.headers) if admission else {}
+        try:
+            cache_key = self._cache_key(key, call)
+            if cache_key and call.policy.lookup:
+                value, _layer = await self.cache.get(cache_key)
+                if value is not None:
+                    outcome = Outcome(value["id"], value["created"],
+                                      [completion_from_dict(c) for c in value["choices"]], "hit",
+                                      headers)
+                    call.id, call.created = outcome.id, outcome.created
+                    return headers, "hit", self._replay(record, call, outcome, admission)
+            status = "miss" if cache_key and (call.policy.lookup or call.policy.store) \
+                else "bypass"
+            streams = [call.engine.stream(r) for r in call.requests]
+            merged = _merge(streams)
+            first = await anext(merged)  # surfaces Overloaded etc. before the response
+        except BaseException:
+            if admission is not None:
+                await admission.settle(0)
+            raise
+        return headers, status, self._relay(record, call, merged, first, cache_key, status,
+                                            admission, key)
+
+    async def _replay(self, record, call: Call, outcome: Outcome, admission):
+        charged = self._charge(call, outcome)
+        try:
+            for i, choice in enumerate(outcome.choices):
+                if choice.text:
+                    yield i, StreamDelta(text=choice.text, logprobs=choice.logprobs or [])
+                yield i, choice
+            self._finish(record, call, outcome, charged)
+        finally:
+            if admission is not None:
+                await admission.settle(charged)
+
+    async def _relay(self, record, call: Call, merged, first, cache_key, status, admission,
+                     key):
+        started = time.perf_counter()
+        finals: dict[int, Completion] = {}
+        produced = 0
+        ttft = None
+        charged = 0
+        try:
+            event = first
+            while True:
+                index, item = event
+                if isinstance(item, Completion):
+                    finals[index] = item
+                elif item.text or item.token_ids:
+                    produced += max(1, len(item.token_ids))
+                    if ttft is None:
+                        ttft = time.perf_counter() - started
+                yield event
+                try:
+                    event = await anext(merged)
+                except StopAsyncIteration:
+                    break
+            outcome = Outcome(call.id, call.created, [finals[i] for i in sorted(finals)], status,
+                              {})
+            if ttft is not None:
+                metrics.TTFT.labels(call.spec.name).observe(ttft)
+            if record is not None:
+                record.stream = True
+                record.ttft_ms = ttft * 1000 if ttft is not None else None
+            charged = self._charge(call, outcome)
+            self._finish(record, call, outcome, charged)
+            if cache_key and call.policy.store:
+                await self.cache.put(cache_key, outcome.cache_value(), model=call.spec.name,
+                                     revision=call.spec.revision, key_id=key.id)
+        except (GeneratorExit, asyncio.CancelledError):
+            # The client went away: generation stops (engine streams are closed below)
+            # and what was produced is still charged and logged.
+            charged = call.prompt_tokens + produced
+            if record is not None:
+                record.stream = True
+                record.prompt_tokens, record.completion_tokens = call.prompt_tokens, produced
+                record.charged_tokens = charged
+                record.error_type = "client_disconnected"
+                record.finish_reason = "abort"
+                record.status = 499
+            raise
+        finally:
+            with contextlib.suppress(Exception):
+                await merged.aclose()
+            if admission is not None:
+                await admission.settle(charged)
+
+
+async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
+    """Interleave several engine streams as (index, event); closing this closes them all."""
+    if len(streams) == 1:
+        try:
+            async for item in streams[0]:
+                yield 0, item
+        finally:
+            await streams[0].aclose()
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i, s):
+        try:
+            async for item in s:
+                await queue.put((i, item))
+        except BaseException as exc:  # hand errors to the consumer
+            await queue.put((i, exc))
+        finally:
+            await queue.put((i, done))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        for s in streams:
+            with contextlib.suppress(Exception):
+                await s.aclose()

@@ -1,0 +1,83 @@
+"""MultiModelManager: routes a request's `model` to its engine.
+
+Engines are built from models.yaml on first use (or at start with --preload) and
+kept for the life of the app. Local models go to LocalEngine (transformers), remote
+ones to HttpLLMClient; tests may pass their own `engine_factory`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from server.config import ModelsConfig, ModelSpec, Settings
+from server.engines.base import ModelEngine
+from server.errors import ModelNotFound
+
+EngineFactory = Callable[[ModelSpec, Settings], ModelEngine]
+
+
+def default_engine_factory(spec: ModelSpec, settings: Settings) -> ModelEngine:
+    if spec.type == "remote":
+        from server.engines.remote import HttpLLMClient
+
+        return HttpLLMClient(spec)
+    from server.engines.local import LocalEngine  # imports torch: only when needed
+
+    return LocalEngine(spec, settings)
+
+
+class MultiModelManager:
+    def __init__(self, config: ModelsConfig, settings: Settings,
+                 engine_factory: EngineFactory = default_engine_factory):
+        self.config = config
+        self.settings = settings
+        self._factory = engine_factory
+        self._engines: dict[str, ModelEngine] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    @property
+    def specs(self) -> list[ModelSpec]:
+        return self.config.models
+
+    def spec(self, ident: str | None) -> ModelSpec:
+        """The spec for a short name or full id (None: the default model)."""
+        spec = self.config.find(ident)
+        if spec is None:
+            available = ", ".join(self.config.names) or "none configured"
+            what = f"model {ident!r} does not exist" if ident else "no model given and no default"
+            raise ModelNotFound(f"{what}; available models: {available}", param="model")
+        return spec
+
+    def loaded(self, spec: ModelSpec) -> ModelEngine | None:
+        return self._engines.get(spec.name)
+
+    async def get(self, spec: ModelSpec) -> ModelEngine:
+        """The started engine for `spec`, building it on first use."""
+        engine = self._engines.get(spec.name)
+        if engine is not None and engine.ready:
+            return engine
+        lock = self._locks.setdefault(spec.name, asyncio.Lock())
+        async with lock:
+            engine = self._engines.get(spec.name)
+            if engine is None:
+                engine = self._factory(spec, self.settings)
+                self._engines[spec.name] = engine
+            await engine.start()
+            return engine
+
+    async def preload(self) -> None:
+        for spec in self.specs:
+            if spec.type == "local":
+                await self.get(spec)
+
+    def engine_stats(self) -> dict[str, dict]:
+        return {name: dict(getattr(e, "stats", None) or {}) for name, e in self._engines.items()}
+
+    async def health(self) -> dict[str, tuple[bool, str]]:
+        return {name: await e.health() for name, e in self._engines.items()}
+
+    async def close(self) -> None:
+        engines, self._engines = list(self._engines.values()), {}
+        for engine in engines:
+            await engine.close()

@@ -1,0 +1,239 @@
+"""HttpLLMClient: a model served by another process over HTTP.
+
+Speaks the OpenAI API (vLLM, TGI, Ollama, `transformers serve`, another llmctl) and,
+with `api: llmctl`, llmctl's own /v1/generate for plain text prompts. Connection
+errors are retried (httpx transport retries cover connect failures only, never a
+request the remote may have started); timeouts come from the model's entry.
+Token counts are the ones the remote reports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+
+from server.config import ModelSpec
+from server.engines.base import (
+    Completion,
+    EngineRequest,
+    ModelEngine,
+    StreamDelta,
+    TokenLogprob,
+)
+from server.errors import (
+    InvalidRequest,
+    LlmctlError,
+    RateLimited,
+    Unavailable,
+    UpstreamError,
+)
+
+
+def _base(url: str) -> str:
+    url = url.rstrip("/")
+    return url[:-3] if url.endswith("/v1") else url
+
+
+def _logprobs(lp: dict | None, start: int = 0, stop: int | None = None) -> list[TokenLogprob]:
+    """OpenAI completions `logprobs` object → TokenLogprob list (a slice of it)."""
+    if not lp:
+        return []
+    tokens = lp.get("tokens") or []
+    values = lp.get("token_logprobs") or [None] * len(tokens)
+    tops = lp.get("top_logprobs") or [None] * len(tokens)
+    offsets = lp.get("text_offset") or [0] * len(tokens)
+    return [TokenLogprob(token=t, token_id=None, logprob=v, top=top or {}, offset=o)
+            for t, v, top, o in list(zip(tokens, values, tops, offsets, strict=False))[start:stop]]
+
+
+class HttpLLMClient(ModelEngine):
+    def __init__(self, spec: ModelSpec, transport: httpx.AsyncBaseTransport | None = None):
+        self.spec = spec
+        self.model_id = spec.id
+        self.base_url = _base(spec.base_url or "")
+        headers = {}
+        secret = os.environ.get(spec.api_key_env) if spec.api_key_env else None
+        if secret:
+            headers["Authorization"] = f"Bearer {secret}"
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(spec.timeout, connect=spec.connect_timeout),
+            transport=transport or httpx.AsyncHTTPTransport(retries=2),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        )
+
+    async def start(self) -> None:
+        return None
+
+    @property
+    def max_context(self) -> int | None:
+        return self.spec.max_context
+
+    # --- request building
+
+    def _route_and_body(self, request: EngineRequest, stream: bool) -> tuple[str, dict]:
+        p = request.params
+        common = {"model": self.model_id, "temperature": p.temperature, "top_p": p.top_p,
+                  "stream": stream}
+        if p.top_k > 0:
+            common["top_k"] = p.top_k
+        if p.seed is not None:
+            common["seed"] = p.seed
+        if p.stop:
+            common["stop"] = list(p.stop)
+        if stream:
+            common["stream_options"] = {"include_usage": True}
+        if request.messages is not None:
+            body = {**common, "messages": request.messages, "max_tokens": p.max_new_tokens}
+            if p.logprobs is not None:
+                body |= {"logprobs": True, "top_logprobs": p.logprobs}
+            return "/v1/chat/completions", body
+        if (self.spec.api == "llmctl" and isinstance(request.prompt, str)
+                and p.logprobs is None and not request.echo_logprobs):
+            body = {k: v for k, v in common.items() if k != "stream_options"}
+            return "/v1/generate", {**body, "prompt": request.prompt,
+                                    "max_new_tokens": p.max_new_tokens}
+        body = {**common, "prompt": request.prompt, "max_tokens": p.max_new_tokens}
+        if p.logprobs is not None or request.echo_logprobs:
+            body["logprobs"] = p.logprobs or (1 if request.echo_logprobs else None)
+        if request.echo_logprobs:
+            body["echo"] = True
+        return "/v1/completions", body
+
+    def _error(self, exc: Exception) -> LlmctlError:
+        where = f"remote model {self.spec.name!r} at {self.base_url}"
+        if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+            return Unavailable(f"{where} is unreachable", code="upstream_unreachable")
+        if isinstance(exc, httpx.TimeoutException):
+            return UpstreamError(f"{where} timed out after {self.spec.timeout:g}s",
+                                 code="upstream_timeout")
+        return UpstreamError(f"{where} failed: {exc.__class__.__name__}")
+
+    async def _raise_for(self, response: httpx.Response) -> None:
+        if response.status_code < 400:
+            return
+        await response.aread()
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text[:300] or response.reason_phrase
+        text = f"remote model {self.spec.name!r}: {message}"
+        if response.status_code == 429:
+            raise RateLimited(text, headers={"Retry-After": response.headers.get(
+                "retry-after", "1")})
+        if 400 <= response.status_code < 500:
+            err = InvalidRequest(text)
+            err.status_code = response.status_code
+            raise err
+        raise UpstreamError(text)
+
+    # --- results
+
+    def _completion(self, route: str, data: dict, request: EngineRequest,
+                    elapsed: float) -> Completion:
+        usage = data.get("usage") or {}
+        prompt_tokens = usage.get("prompt_tokens", 0)
+        completion_tokens = usage.get("completion_tokens", 0)
+        if route == "/v1/generate":
+            return Completion(text=data["text"], finish_reason=data.get("finish_reason", "stop"),
+                              prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+        choice = data["choices"][0]
+        if route == "/v1/chat/completions":
+            content = choice.get("logprobs", {}) or {}
+            lps = [TokenLogprob(token=c["token"], token_id=None, logprob=c["logprob"],
+                                top={t["token"]: t["logprob"] for t in c.get("top_logprobs", [])})
+                   for c in content.get("content") or []] or None
+            return Completion(text=choice["message"].get("content") or "",
+                              finish_reason=choice.get("finish_reason") or "stop",
+                              prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                              logprobs=lps)
+        text = choice["text"]
+        result = Completion(text=text, finish_reason=choice.get("finish_reason") or "stop",
+                            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+        lp = choice.get("logprobs")
+        if request.echo_logprobs:
+            if not lp or not lp.get("token_logprobs"):
+                raise UpstreamError(f"remote model {self.spec.name!r} does not return prompt "
+                                    "logprobs (echo with logprobs), needed for loglikelihood")
+            result.prompt_logprobs = _logprobs(lp, 0, prompt_tokens)
+            result.logprobs = _logprobs(lp, prompt_tokens)
+            prompt_chars = result.logprobs[0].offset if result.logprobs else len(text)
+            result.prompt_text, result.text = text[:prompt_chars], text[prompt_chars:]
+        elif lp:
+            result.logprobs = _logprobs(lp)
+        return result
+
+    async def generate(self, request: EngineRequest) -> Completion:
+        route, body = self._route_and_body(request, stream=False)
+        start = time.perf_counter()
+        try:
+            response = await self._client.post(route, json=body)
+        except httpx.HTTPError as exc:
+            raise self._error(exc) from None
+        await self._raise_for(response)
+        try:
+            return self._completion(route, response.json(), request,
+                                    time.perf_counter() - start)
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise UpstreamError(f"remote model {self.spec.name!r} sent a malformed "
+                                "response") from None
+
+    async def stream(self, request: EngineRequest) -> AsyncIterator[StreamDelta | Completion]:
+        route, body = self._route_and_body(request, stream=True)
+        start = time.perf_counter()
+        text, finish, usage, ttft = [], "stop", {}, None
+        try:
+            async with self._client.stream("POST", route, json=body) as response:
+                await self._raise_for(response)
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == "[DONE]":
+                        break
+                    event = json.loads(payload)
+                    if "error" in event:
+                        raise UpstreamError(f"remote model {self.spec.name!r}: "
+                                            f"{event['error'].get('message')}")
+                    usage = event.get("usage") or usage
+                    piece, reason = self._piece(route, event)
+                    finish = reason or finish
+                    if piece:
+                        ttft = ttft if ttft is not None else time.perf_counter() - start
+                        text.append(piece)
+                        yield StreamDelta(text=piece)
+        except httpx.HTTPError as exc:
+            raise self._error(exc) from None
+        except (ValueError, KeyError, TypeError):
+            raise UpstreamError(f"remote model {self.spec.name!r} sent a malformed "
+                                "stream") from None
+        yield Completion(text="".join(text), finish_reason=finish,
+                         prompt_tokens=usage.get("prompt_tokens", 0),
+                         completion_tokens=usage.get("completion_tokens", len(text)), ttft_s=ttft)
+
+    @staticmethod
+    def _piece(route: str, event: dict) -> tuple[str, str | None]:
+        if route == "/v1/generate":
+            return event.get("text", ""), event.get("finish_reason")
+        choices = event.get("choices") or []
+        if not choices:
+            return "", None
+        choice = choices[0]
+        if route == "/v1/chat/completions":
+            return (choice.get("delta") or {}).get("content") or "", choice.get("finish_reason")
+        return choice.get("text") or "", choice.get("finish_reason")
+
+    async def health(self) -> tuple[bool, str]:
+        try:
+            response = await self._client.get("/v1/models", timeout=self.spec.connect_timeout)
+            return response.status_code < 500, f"remote HTTP {response.status_code}"
+        except httpx.HTTPError as exc:
+            return False, str(self._error(exc))
+
+    async def close(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,157 @@
+"""Request logs: one row per API request, written in batches off the request path.
+
+Requests hand a finished `RequestRecord` to `LogStore.submit()` (no I/O). A
+background task writes batches every `log_flush_interval` seconds; in the same
+transaction it adds each row's tokens to `usage_monthly`, so usage always equals
+the sum of the logs. `close()` writes everything still queued: a graceful shutdown
+loses nothing. A failed write is retried with the same rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from server.db.tables import ApiKey, RequestLog, UsageMonthly, utcnow
+
+log = logging.getLogger("llmctl.logs")
+
+
+@dataclass
+class RequestRecord:
+    """What one request did; filled in along the serving path."""
+
+    request_id: str
+    route: str
+    created_at: datetime = field(default_factory=utcnow)
+    key_id: int | None = None
+    model: str | None = None
+    status: int = 0
+    stream: bool = False
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    charged_tokens: int = 0
+    latency_ms: float = 0.0
+    ttft_ms: float | None = None
+    cached: bool = False
+    cache_status: str | None = None
+    finish_reason: str | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    prompt: str | None = None
+    output: str | None = None
+
+    def row(self) -> dict:
+        return {k: getattr(self, k) for k in RequestLog.__table__.columns.keys() if k != "id"}
+
+
+def _upsert_usage(session, dialect: str, rows: list[dict]) -> None:
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = insert(UsageMonthly).values(rows)
+    added = {c: getattr(UsageMonthly, c) + getattr(stmt.excluded, c)
+             for c in ("requests", "cached_requests", "prompt_tokens", "completion_tokens",
+                       "charged_tokens")}
+    session.execute(stmt.on_conflict_do_update(index_elements=["key_id", "month", "model"],
+                                               set_=added))
+
+
+def write_batch(db, records: list[RequestRecord]) -> None:
+    """Insert the rows, add them to monthly usage and touch keys' last use: one transaction."""
+    usage: dict[tuple, dict] = defaultdict(lambda: dict.fromkeys(
+        ("requests", "cached_requests", "prompt_tokens", "completion_tokens",
+         "charged_tokens"), 0))
+    last_used: dict[int, datetime] = {}
+    for r in records:
+        if r.key_id is None:
+            continue
+        last_used[r.key_id] = max(last_used.get(r.key_id, r.created_at), r.created_at)
+        if r.model is None or r.status >= 400:
+            continue
+        u = usage[(r.key_id, r.created_at.strftime("%Y-%m"), r.model)]
+        u["requests"] += 1
+        u["cached_requests"] += int(r.cached)
+        u["prompt_tokens"] += r.prompt_tokens
+        u["completion_tokens"] += r.completion_tokens
+        u["charged_tokens"] += r.charged_tokens
+    with db.session() as s:
+        s.execute(RequestLog.__table__.insert(), [r.row() for r in records])
+        if usage:
+            rows = [{"key_id": k, "month": m, "model": model, **v}
+                    for (k, m, model), v in usage.items()]
+            _upsert_usage(s, db.engine.dialect.name, rows)
+        for key_id, when in last_used.items():
+            s.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=when))
+
+
+class LogStore:
+    def __init__(self, db, *, interval: float = 0.25, batch_size: int = 500,
+                 keep_text: bool = False):
+        self.db = db
+        self.interval = interval
+        self.batch_size = batch_size
+        self.keep_text = keep_text
+        self._pending: list[RequestRecord] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._lock = asyncio.Lock()
+        self._stopping = False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="llmctl-logstore")
+
+    def submit(self, record: RequestRecord) -> None:
+        if not self.keep_text:
+            record.prompt = record.output = None
+        self._pending.append(record)
+        if len(self._pending) >= self.batch_size:
+            self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    async def flush(self) -> None:
+        """Write everything submitted so far (also used by tests and usage queries)."""
+        async with self._lock:
+            while self._pending:
+                batch = self._pending[: self.batch_size]
+                await asyncio.to_thread(write_batch, self.db, batch)
+                del self._pending[: len(batch)]
+
+    async def _run(self) -> None:
+        from server.api.metrics import LOG_WRITE_ERRORS
+
+        while not self._stopping:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.flush()
+            except Exception as exc:  # keep the rows; try again next tick
+                LOG_WRITE_ERRORS.inc()
+                log.warning("request-log write failed (%d rows kept for retry): %s",
+                            len(self._pending), exc)
+                await asyncio.sleep(min(5.0, self.interval * 4))
+
+    async def close(self) -> None:
+        # Never cancel a write in progress: its thread would commit anyway and the
+        # final flush would insert the same rows twice. Ask the loop to stop instead.
+        self._stopping = True
+        self._wake.set()
+        if self._task:
+            await self._task
+        for attempt in range(3):
+            try:
+                await self.flush()
+                return
+            except Exception as exc:
+                log.error("request-log final flush failed (attempt %d): %s", attempt + 1, exc)
+                await asyncio.sleep(0.5)
