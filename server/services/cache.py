@@ -113,16 +113,16 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
-def prompt_hash(prompt: str | Sequence[int] | Sequence[dict]) -> str:
+def prompt_hash(prompt: str | Sequence[int] | Sequence[str] | Sequence[dict]) -> str:
     """sha256 of what the model sees: the exact text (for chat, the rendered template),
-    token ids, or — where a remote renders the template — the messages themselves.
-    Each form is tagged, so text never collides with ids or messages."""
+    token ids, several prompts (a batch), or — where a remote renders the template —
+    the messages themselves. Each form is tagged, so none collides with another."""
     if isinstance(prompt, str):
         return _digest(["text", prompt])
     items = list(prompt)
     if all(isinstance(t, int) and not isinstance(t, bool) for t in items):
         return _digest(["ids", items])
-    return _digest(["messages", _canon(items)])
+    return _digest(["items", _canon(items)])
 
 
 def params_fingerprint(params: dict) -> str:
@@ -291,22 +291,29 @@ class CompletionCache:
 
     # ----- keys and controls
 
-    def key_for(self, *, model: str, prompt: str | Sequence[int] | Sequence[dict],
-                params: dict, revision: str | None = None,
-                key_id: int | None = None) -> CacheKey | None:
+    def key_for(self, *, prompt: str | Sequence[int] | Sequence[str] | Sequence[dict],
+                params: dict, model: str | None = None, model_id: str | None = None,
+                revision: str | None = None, key_id: int | None = None) -> CacheKey | None:
         """The cache key for a request, or None when it is not cacheable (the cache is
         off, or the request samples without a seed).
 
+        `model` is the name stored with the entry (what stats and `clear --model`
+        use: the name request logs carry); `model_id` and `revision` identify the
+        weights and go into the key (`model_id` defaults to `model`). `prompt` is
+        what the model sees: text, token ids, a list of prompts, or messages.
         `params` holds every parameter that can change the output (max_tokens, stop,
         temperature, top_p, top_k, seed, logprobs, echo, n, …) plus the API route, so
         that each API's cached value keeps its own shape."""
         if not self.enabled or not is_deterministic(params.get("temperature"),
                                                      params.get("seed")):
             return None
+        name = model or model_id
+        if name is None:
+            raise TypeError("key_for needs model or model_id")
         scope = "global" if self.scope == "global" else f"key:{key_id if key_id else '-'}"
         ph, pf = prompt_hash(prompt), params_fingerprint(params)
-        key = _digest([scope, model, revision, ph, pf])
-        return CacheKey(key=key, scope=scope, model=model, revision=revision, prompt_hash=ph,
+        key = _digest([scope, model_id or name, revision, ph, pf])
+        return CacheKey(key=key, scope=scope, model=name, revision=revision, prompt_hash=ph,
                         params_fingerprint=pf)
 
     @staticmethod
@@ -489,9 +496,10 @@ class CompletionCache:
     def _expires_at(self) -> datetime | None:
         return utcnow() + timedelta(seconds=self.ttl) if self.ttl > 0 else None
 
-    async def put(self, ck: CacheKey, value: dict) -> None:
+    async def put(self, ck: CacheKey, value: dict, **_: Any) -> None:
         """Store `value` in Redis (when usable) and the database. Errors are logged,
-        never raised: a failed write only costs a future miss."""
+        never raised: a failed write only costs a future miss. (The model and revision
+        come from `ck`; other keyword arguments are accepted and ignored.)"""
         raw = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
         expires_at = self._expires_at()
         if self._redis_usable:

@@ -93,3 +93,14 @@ def test_controls(header, field, lookup, store):
 def test_bad_cache_field_is_a_400():
     with pytest.raises(InvalidRequest):
         parse_controls(None, 3)
+
+
+def test_model_id_goes_into_the_key_and_the_name_is_stored(cache):
+    a = cache.key_for(model="tiny", model_id="org/tiny-35m", prompt="x", params={"temperature": 0})
+    b = cache.key_for(model="alias", model_id="org/tiny-35m", prompt="x", params={"temperature": 0})
+    assert a.key == b.key and (a.model, b.model) == ("tiny", "alias")
+    assert a.key != key(cache, prompt="x").key
+
+
+def test_a_batch_of_prompts_is_one_key():
+    assert prompt_hash(["a", "b"]) != prompt_hash(["b", "a"]) != prompt_hash("ab")
