@@ -7,4 +7,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-pytest_plugins = ["tests.plugins.postgres", "tests.plugins.models", "tests.plugins.live"]
+pytest_plugins = [
+    "tests.plugins.postgres",
+    "tests.plugins.redis",
+    "tests.plugins.models",
+    "tests.plugins.live",
+]
