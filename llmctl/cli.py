@@ -12,7 +12,7 @@ import typer
 from typer.core import TyperGroup
 
 from llmctl import output
-from llmctl.commands import cache, db, keys, models, serve
+from llmctl.commands import cache, db, keys, logs, models, quotas, serve, usage
 from server.errors import LlmctlError
 
 
@@ -37,7 +37,9 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command("serve")(serve.serve)
-for module, name in [(keys, "keys"), (models, "models"), (db, "db"), (cache, "cache")]:
+app.command("usage")(usage.usage)
+for module, name in [(keys, "keys"), (models, "models"), (db, "db"), (cache, "cache"),
+                     (quotas, "quotas"), (logs, "logs")]:
     app.add_typer(module.app, name=name)
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
-# Until tests/conftest.py lists "tests.plugins.redis" in pytest_plugins; the plugin
-# keeps one server per session either way.
-from tests.plugins.redis import redis_server, redis_url  # noqa: F401
+import httpx
+import pytest
 
 
 @pytest.fixture
@@ -38,5 +38,62 @@ def make_key():
 
     def make(db, name="k", role="user", **limits):
         return keys.create_key(db, name=name, role=role, **limits).key
+
+    return make
+
+
+@dataclass
+class Gw:
+    app: object
+    client: httpx.AsyncClient
+    state: object  # AppState
+
+    @property
+    def db(self):
+        return self.state.db
+
+
+def include_governance_routes(app) -> None:
+    """Mount /v1/admin and /v1/me unless create_app already does."""
+    from server.api.routes import admin, usage
+
+    # FastAPI >= 0.16x keeps an included router as one `_IncludedRouter` entry.
+    included = [getattr(r, "original_router", None) for r in app.routes]
+    for router in (admin.router, usage.router):
+        if not any(router is r for r in included):
+            app.include_router(router)
+
+
+@pytest.fixture
+def gov_gateway(tmp_path, tiny_models_yaml, monkeypatch):
+    """`async with gov_gateway(db_url=None, **settings) as gw`: the real app in-process,
+    on the tiny model, with LLMCTL_HOME / LLMCTL_DATABASE_URL set so the CLI sees the
+    same database."""
+    from server.api.app import create_app
+    from server.config import Settings, load_models_config
+
+    @asynccontextmanager
+    async def make(db_url: str | None = None, **overrides):
+        monkeypatch.setenv("LLMCTL_HOME", str(tmp_path / "home"))
+        monkeypatch.delenv("LLMCTL_REDIS_URL", raising=False)
+        if db_url and not db_url.startswith("sqlite"):
+            from server.db import migrate
+            from server.db.engine import Database
+
+            db = Database(db_url)
+            migrate.upgrade(db, "head")
+            db.dispose()
+            monkeypatch.setenv("LLMCTL_DATABASE_URL", db_url)
+        else:
+            monkeypatch.delenv("LLMCTL_DATABASE_URL", raising=False)
+        settings = Settings(_env_file=None, models_config=tiny_models_yaml, log_prompts=True,
+                            **overrides)
+        app = create_app(settings, load_models_config(settings))
+        include_governance_routes(app)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://gw",
+                                         timeout=120) as client:
+                yield Gw(app, client, app.state.llmctl)
 
     return make
