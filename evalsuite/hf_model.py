@@ -1,0 +1,284 @@
+"""A local transformers model for evals, item-for-item compatible with
+lm-evaluation-harness 0.4.x's `hf` model (lm_eval/models/huggingface.py).
+
+What is kept identical, because it decides the results:
+- tokenisation: `tokenizer.encode(text)` with the tokenizer's own special tokens
+  (none added when the text already starts with BOS); a context's trailing spaces
+  move to the continuation; continuation tokens are those of `encode(ctx+cont)`
+  past `len(encode(ctx))`; an empty context is the BOS (else EOS) token;
+- loglikelihood: inputs `(ctx + cont)[-(max_length+1):][:-1]`, right-padded with
+  zeros and no attention mask (causal attention makes the padding inert), the sum
+  of log-softmax scores of the continuation tokens, and whether each was argmax;
+- generation: contexts sorted by (-token length, text) and cut into batches of
+  `batch_size`, left-padded and left-truncated to max_length - max_gen_toks,
+  `model.generate(do_sample=False)` until every sequence in the batch has shown a
+  stop string in its last len(stop)+2 tokens (the model's EOS string is a stop too),
+  decoded without special tokens and cut at the first occurrence of each stop.
+
+What is faster: requests that share `ctx + cont[:-1]` (MMLU's four letters) take
+one forward pass; only the scored positions go through the LM head and the
+log-softmax (`logits_to_keep`), instead of every position of every row; few-shot
+prompts that share a prefix reuse its key/value cache.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import defaultdict
+from collections.abc import Iterator
+
+from evalsuite.models import EvalModel, LLResult
+from evalsuite.tasks.base import Request
+from server.errors import ConfigError
+
+DEFAULT_MAX_LENGTH = 2048
+
+
+def _resolve_device(device: str | None) -> str:
+    import torch
+
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    return device
+
+
+class HFModel(EvalModel):
+    def __init__(self, source: str, *, name: str | None = None, revision: str | None = None,
+                 device: str | None = "auto", dtype: str = "auto",
+                 max_length: int | None = None, batch_size: int = 8,
+                 threads: int | None = None):
+        import torch
+        import transformers
+
+        self.name = name or source
+        self.source = source
+        self.batch_size = max(1, int(batch_size))
+        self.device = _resolve_device(device)
+        if threads:
+            torch.set_num_threads(threads)
+        kwargs = {"revision": revision} if revision else {}
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(
+                source, dtype="auto" if dtype == "auto" else getattr(torch, dtype), **kwargs)
+        except OSError as exc:
+            raise ConfigError(f"model {self.name}: cannot load {source!r} "
+                              f"({str(exc).strip().splitlines()[0][:160]})") from None
+        self.model.to(self.device).eval()
+        self._configure_pad_token()
+        self._torch = torch
+        self._max_length = max_length or self._config_max_length()
+        self._keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+
+    # --- tokenisation (lm-eval TemplateLM / HFLM) ------------------------------------
+
+    def _configure_pad_token(self) -> None:
+        tok = self.tokenizer
+        if tok.pad_token_id is not None or tok.pad_token:
+            return
+        if tok.unk_token:
+            tok.pad_token_id = tok.unk_token_id
+        elif tok.eos_token:
+            tok.pad_token_id = tok.eos_token_id
+        else:
+            tok.add_special_tokens({"pad_token": "<|pad|>"})
+
+    def _config_max_length(self) -> int:
+        config = self.model.config
+        config = getattr(config, "text_config", None) or config
+        for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+            value = getattr(config, attr, None)
+            if value:
+                return int(value)
+        limit = getattr(self.tokenizer, "model_max_length", None)
+        if limit and limit < 10**12:
+            return int(limit)
+        return DEFAULT_MAX_LENGTH
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.tokenizer.eos_token_id
+
+    def tok_encode(self, text: str) -> list[int]:
+        bos = self.tokenizer.decode(self.prefix_token_id)
+        if bos and text.startswith(bos):
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(text)
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        if context == "":
+            cont = self.tokenizer.encode(continuation, add_special_tokens=False)
+            if self.prefix_token_id != cont[0]:
+                return [self.prefix_token_id], cont
+            return cont[:1], cont[1:]
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            continuation = context[-n_spaces:] + continuation
+            context = context[:-n_spaces]
+        whole = self.tok_encode(context + continuation)
+        ctx = self.tok_encode(context)
+        return ctx, whole[len(ctx):]
+
+    # --- loglikelihood ---------------------------------------------------------------
+
+    def loglikelihood(self, requests: list[Request]) -> Iterator[list[tuple[int, LLResult]]]:
+        # Group requests whose model input is the same: ctx + cont[:-1].
+        groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = defaultdict(list)
+        for i, req in enumerate(requests):
+            ctx, cont = self.encode_pair(req.context, req.continuation)
+            if not cont:
+                raise ConfigError(f"request {i}: the continuation encodes to no tokens")
+            groups[tuple(ctx + cont[:-1])].append((i, cont))
+        keys = sorted(groups, key=lambda k: (-(len(k) + 1), k))
+        for start in range(0, len(keys), self.batch_size):
+            batch = keys[start:start + self.batch_size]
+            yield self._score_batch(batch, [groups[k] for k in batch])
+
+    def _score_batch(self, keys, members) -> list[tuple[int, LLResult]]:
+        torch = self._torch
+        inputs = [list(k)[-self.max_length:] for k in keys]
+        width = max(len(x) for x in inputs)
+        ids = torch.zeros((len(inputs), width), dtype=torch.long)
+        for row, x in enumerate(inputs):
+            ids[row, :len(x)] = torch.tensor(x, dtype=torch.long)
+        # The positions whose logits score a continuation token, per row.
+        spans = []
+        for x, group in zip(inputs, members, strict=True):
+            longest = max(len(cont) for _, cont in group)
+            spans.append((len(x) - longest, len(x)))
+        with torch.inference_mode():
+            logprobs = self._logprobs(ids.to(self.device), spans)
+        results = []
+        for (lo, hi), group, lp in zip(spans, members, logprobs, strict=True):
+            greedy = lp.argmax(-1)
+            for index, cont in group:
+                n = len(cont)
+                rows = lp[hi - lo - n:]
+                target = torch.tensor(cont, device=rows.device)
+                ll = rows.gather(1, target[:, None]).squeeze(1).sum()
+                results.append((index, (float(ll), bool((greedy[hi - lo - n:] == target).all()))))
+        return results
+
+    def _logprobs(self, ids, spans) -> list:
+        """Log-softmax rows at each span's positions (a list of [len, vocab] tensors)."""
+        torch = self._torch
+        if self._keep:
+            # Only the union of scored positions goes through the LM head.
+            positions = sorted({p for lo, hi in spans for p in range(lo, hi)})
+            where = {p: j for j, p in enumerate(positions)}
+            logits = self.model(ids, logits_to_keep=torch.tensor(positions,
+                                                                 device=ids.device)).logits
+            out = []
+            for row, (lo, hi) in enumerate(spans):
+                cols = torch.tensor([where[p] for p in range(lo, hi)], device=ids.device)
+                out.append(torch.log_softmax(logits[row, cols].float(), dim=-1))
+            return out
+        logits = self.model(ids).logits
+        return [torch.log_softmax(logits[row, lo:hi].float(), dim=-1)
+                for row, (lo, hi) in enumerate(spans)]
+
+    # --- generation -------------------------------------------------------------------
+
+    def generate(self, requests: list[Request]) -> Iterator[list[tuple[int, str]]]:
+        by_kwargs: dict[tuple, list[int]] = defaultdict(list)
+        for i, req in enumerate(requests):
+            by_kwargs[(req.until, req.max_gen_toks)].append(i)
+        for (until, max_gen_toks), indices in by_kwargs.items():
+            order = sorted(indices, key=lambda i: (-len(self.tok_encode(requests[i].context)),
+                                                   requests[i].context))
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start:start + self.batch_size]
+                texts = self._generate_batch([requests[i].context for i in chunk],
+                                             list(until), max_gen_toks)
+                yield list(zip(chunk, texts, strict=True))
+
+    def stop_strings(self, until: list[str]) -> list[str]:
+        eos = self.tokenizer.decode(self.tokenizer.eos_token_id, skip_special_tokens=False)
+        return until + [eos] if eos and eos not in until else until
+
+    def _generate_batch(self, contexts: list[str], until: list[str], max_gen_toks: int):
+        import transformers
+
+        torch = self._torch
+        stops = self.stop_strings(until)
+        max_ctx = self.max_length - max_gen_toks
+        if max_ctx <= 0:
+            raise ConfigError(f"model {self.name}: {max_gen_toks} new tokens do not fit its "
+                              f"{self.max_length}-token context")
+        tok = self.tokenizer
+        old_side, tok.padding_side = tok.padding_side, "left"
+        try:
+            bos = tok.bos_token
+            extra = {"add_special_tokens": False} if bos and contexts[0].startswith(bos) else {}
+            enc = tok(contexts, truncation=False, padding="longest", return_tensors="pt",
+                      **extra)
+        finally:
+            tok.padding_side = old_side
+        ids = enc["input_ids"][:, -max_ctx:].to(self.device)
+        mask = enc["attention_mask"][:, -max_ctx:].to(self.device)
+        width = ids.shape[1]
+        criteria = transformers.StoppingCriteriaList(
+            [_StopString(s, tok, width, len(contexts)) for s in stops])
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=ids, attention_mask=mask,
+                                      max_length=width + max_gen_toks,
+                                      stopping_criteria=criteria, pad_token_id=tok.pad_token_id,
+                                      use_cache=True, do_sample=False)
+        texts = []
+        for row in out.tolist():
+            text = tok.decode(row[width:], skip_special_tokens=True)
+            for stop in stops:
+                if stop:
+                    text = text.split(stop)[0]
+            texts.append(text)
+        return texts
+
+    def describe(self) -> dict:
+        return {"name": self.name, "type": "local", "source": self.source,
+                "device": self.device, "dtype": str(self.model.dtype).removeprefix("torch."),
+                "max_length": self.max_length, "batch_size": self.batch_size}
+
+    def close(self) -> None:
+        self.model = None
+
+
+def _stop_string_class():
+    import transformers
+
+    class StopString(transformers.StoppingCriteria):
+        """lm-eval's MultiTokenEOSCriteria: done once every row has shown the stop string
+        in its last len(tokens(stop)) + 2 generated tokens; stops only the whole batch."""
+
+        def __init__(self, sequence, tokenizer, start: int, batch_size: int):
+            self.sequence = sequence
+            self.start = start
+            self.done = [False] * batch_size
+            self.lookback = len(tokenizer.encode(sequence, add_special_tokens=False)) + 2
+            self.tokenizer = tokenizer
+
+        def __call__(self, input_ids, scores, **kwargs) -> bool:
+            tails = self.tokenizer.batch_decode(input_ids[:, self.start:][:, -self.lookback:])
+            for i, done in enumerate(self.done):
+                if not done:
+                    self.done[i] = self.sequence in tails[i]
+            return False not in self.done
+
+    return StopString
+
+
+def _StopString(*args):  # noqa: N802 - built lazily so importing this module is cheap
+    global _STOP_CLASS
+    try:
+        cls = _STOP_CLASS
+    except NameError:
+        cls = _STOP_CLASS = _stop_string_class()
+    return cls(*args)

@@ -1,0 +1,90 @@
+"""The one interface tasks reach models through, and how a model is chosen.
+
+`EvalModel.loglikelihood` and `EvalModel.generate` take a list of requests and
+yield results in batches as they finish, as `(request index, result)` pairs, so
+the runner can save progress and move the progress bar while a run goes on.
+Implementations: `HFModel` (evalsuite/hf_model.py: a local transformers model,
+batched forward passes and batched greedy generation that match
+lm-evaluation-harness's `hf` model) and `OpenAIModel` (evalsuite/remote_model.py:
+any OpenAI-compatible server: a remote model from models.yaml, or a running llmctl
+gateway with `--through`).
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+
+from evalsuite.tasks.base import Request
+from server.config import Settings, load_models_config
+from server.errors import ConfigError, InvalidRequest, ModelNotFound
+
+LLResult = tuple[float, bool]  # (sum of continuation logprobs, continuation is greedy)
+
+
+class LoglikelihoodUnsupported(InvalidRequest):
+    code = "loglikelihood_unsupported"
+
+
+class EvalModel(ABC):
+    name: str
+    chat_only: bool = False  # offers chat completions only (no raw prompts)
+
+    @abstractmethod
+    def loglikelihood(self, requests: list[Request]) -> Iterator[list[tuple[int, LLResult]]]:
+        ...
+
+    @abstractmethod
+    def generate(self, requests: list[Request]) -> Iterator[list[tuple[int, str]]]:
+        ...
+
+    def check_loglikelihood(self) -> None:
+        """Raise LoglikelihoodUnsupported when the model cannot score a continuation."""
+
+    def describe(self) -> dict:
+        return {"name": self.name}
+
+    def close(self) -> None:
+        pass
+
+
+def open_model(settings: Settings, *, name: str | None = None, config: Path | None = None,
+               through: str | None = None, api_key: str | None = None,
+               batch_size: int | None = None) -> EvalModel:
+    """The model to evaluate: NAME from models.yaml, or NAME through a gateway URL."""
+    if through:
+        from evalsuite.remote_model import OpenAIModel
+
+        key = api_key or os.environ.get("LLMCTL_API_KEY")
+        if not key:
+            raise InvalidRequest("--through needs --api-key KEY (or LLMCTL_API_KEY)",
+                                 param="api_key")
+        return OpenAIModel(through, name, api_key=key, concurrency=batch_size or 8,
+                           label=f"{name or 'default'} via {through}")
+    if api_key:
+        raise InvalidRequest("--api-key is only used with --through URL", param="api_key")
+    models = load_models_config(settings, config)
+    spec = models.find(name)
+    if spec is None:
+        if not models.models:
+            raise ConfigError("no models configured: pass --config models.yaml or set "
+                              "LLMCTL_MODEL (or use --through URL --api-key KEY)")
+        raise ModelNotFound(f"model {name!r} is not configured (configured: "
+                            f"{', '.join(models.names)})", param="model")
+    if spec.type == "remote":
+        from evalsuite.remote_model import OpenAIModel
+
+        key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
+        if spec.api_key_env and not key:
+            raise ConfigError(f"model {spec.name}: environment variable {spec.api_key_env} "
+                              "(its api_key_env) is not set")
+        return OpenAIModel(spec.base_url, spec.id, api_key=key, timeout=spec.timeout,
+                           concurrency=batch_size or spec.max_batch_size, label=spec.name)
+    from evalsuite.hf_model import HFModel
+
+    return HFModel(spec.source, name=spec.name, revision=spec.revision,
+                   device=spec.device or settings.model_device, dtype=spec.dtype,
+                   max_length=spec.max_context, batch_size=batch_size or 8,
+                   threads=settings.torch_threads)
