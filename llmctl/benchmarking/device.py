@@ -12,6 +12,9 @@ ceiling the serving stack is measured against. For each batch size B:
   `torch.mps.current_allocated_memory` seen on MPS, and on CPU the process's peak
   resident set (reset per batch size through /proc/self/clear_refs on Linux,
   otherwise the lifetime peak from getrusage).
+
+Device, dtype and CPU threads are chosen by server/engines/device.py, as for the
+engine that serves the model.
 """
 
 from __future__ import annotations
@@ -25,7 +28,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from server.config import ModelSpec, Settings
+from server.engines.device import (
+    configure_threads,
+    release_memory,
+    resolve_device,
+    resolve_dtype,
+)
 from server.errors import ConfigError, InvalidRequest
 
 
@@ -34,60 +45,19 @@ class DeviceConfig:
     batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 16])
     prompt_len: int = 128
     gen_len: int = 64
-    device: str | None = None  # None: the model's device from models.yaml, else auto
+    device: str | None = None  # None: the model's device from models.yaml, else settings
     seed: int = 0
-
-
-def resolve_device(requested: str | None) -> str:
-    """auto → cuda, then mps, then cpu; an explicit device must be available.
-
-    server/engines/device.py (another module, being written) will own this choice for
-    the engine; until it exists the same rule lives here.
-    """
-    import torch
-
-    requested = (requested or "auto").lower()
-    if requested == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    kind = requested.split(":")[0]
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda requested, but torch sees no CUDA GPU")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device mps requested, but MPS is not available")
-    if kind not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"unknown device {requested!r}; use auto, cpu, cuda or mps")
-    return requested
-
-
-def resolve_dtype(dtype: str, device: str):
-    """float32 on CPU, bfloat16 (else float16) on CUDA, float16 on MPS, unless set."""
-    import torch
-
-    if dtype != "auto":
-        return getattr(torch, dtype)
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.startswith("mps"):
-        return torch.float16
-    return torch.float32
 
 
 class _Memory:
     """Peak memory of one measured section, in bytes, by the device's own measure."""
 
-    def __init__(self, device: str):
-        import torch
-
-        self.torch = torch
+    def __init__(self, device):
         self.device = device
         self.peak = 0
-        if device.startswith("cuda"):
+        if device.type == "cuda":
             self.kind = "cuda_max_allocated"
-        elif device.startswith("mps"):
+        elif device.type == "mps":
             self.kind = "mps_allocated"
         elif os.path.exists("/proc/self/clear_refs"):
             self.kind = "process_rss_peak"
@@ -97,7 +67,7 @@ class _Memory:
     def reset(self) -> None:
         self.peak = 0
         if self.kind == "cuda_max_allocated":
-            self.torch.cuda.reset_peak_memory_stats(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
         elif self.kind == "process_rss_peak":
             try:  # "5" resets the peak RSS (VmHWM) to the current RSS (Linux 4.0+)
                 with open("/proc/self/clear_refs", "w") as f:
@@ -107,11 +77,11 @@ class _Memory:
 
     def sample(self) -> None:
         if self.kind == "mps_allocated":
-            self.peak = max(self.peak, self.torch.mps.current_allocated_memory())
+            self.peak = max(self.peak, torch.mps.current_allocated_memory())
 
     def read(self) -> int:
         if self.kind == "cuda_max_allocated":
-            return int(self.torch.cuda.max_memory_allocated(self.device))
+            return int(torch.cuda.max_memory_allocated(self.device))
         if self.kind == "mps_allocated":
             return self.peak
         if self.kind == "process_rss_peak":
@@ -123,16 +93,14 @@ class _Memory:
         return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
 
 
-def _sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
+def _sync(device) -> None:
+    if device.type == "cuda":
         torch.cuda.synchronize(device)
-    elif device.startswith("mps"):
+    elif device.type == "mps":
         torch.mps.synchronize()
 
 
-def load_model(spec: ModelSpec, device: str, dtype):
+def load_model(spec: ModelSpec, device, dtype):
     """The model from its directory or hub id; a failure is a configuration error."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -150,7 +118,7 @@ def load_model(spec: ModelSpec, device: str, dtype):
 class DeviceBench:
     """Measures one loaded model at several batch sizes."""
 
-    def __init__(self, model, device: str, config: DeviceConfig):
+    def __init__(self, model, device, config: DeviceConfig):
         self.model = model
         self.device = device
         self.config = config
@@ -166,8 +134,6 @@ class DeviceBench:
                           **{self._cache_arg: cache}, **self._extra)
 
     def _prompts(self, batch_size: int, length: int):
-        import torch
-
         vocab = self.model.config.vocab_size
         generator = torch.Generator().manual_seed(self.config.seed + batch_size)
         # Skip the lowest ids, where the special tokens usually live.
@@ -176,7 +142,6 @@ class DeviceBench:
         return ids.to(self.device)
 
     def run_one(self, batch_size: int, prompt_len: int, gen_len: int) -> dict:
-        import torch
         from transformers import DynamicCache
 
         input_ids = self._prompts(batch_size, prompt_len)
@@ -198,8 +163,7 @@ class DeviceBench:
         decode_s = time.perf_counter() - start
         peak = self.memory.read()
         del cache, out
-        if self.device.startswith("cuda"):
-            torch.cuda.empty_cache()
+        release_memory(self.device)
         return {
             "batch_size": batch_size,
             "prefill_s": prefill_s,
@@ -211,8 +175,6 @@ class DeviceBench:
         }
 
     def run(self, on_batch: Callable[[int], None] | None = None) -> list[dict]:
-        import torch
-
         cfg = self.config
         results = []
         with torch.inference_mode():
@@ -227,15 +189,12 @@ class DeviceBench:
 def run_device_bench(spec: ModelSpec, settings: Settings, config: DeviceConfig,
                      on_batch: Callable[[int], None] | None = None) -> dict:
     """Load `spec` on the chosen device, measure every batch size, return the JSON document."""
-    import torch
-
     if spec.type != "local":
         raise InvalidRequest(f"model {spec.name!r} is remote; `bench device` measures local "
                              "models (use `bench serve` against its server)", param="model")
     if config.prompt_len <= 0 or config.gen_len <= 0:
         raise InvalidRequest("--prompt-len and --gen-len must be positive")
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    configure_threads(settings.torch_threads)
     device = resolve_device(config.device or spec.device or settings.model_device)
     dtype = resolve_dtype(spec.dtype, device)
     start = time.perf_counter()
@@ -251,7 +210,7 @@ def run_device_bench(spec: ModelSpec, settings: Settings, config: DeviceConfig,
         "benchmark": "device",
         "model": spec.name,
         "source": spec.source,
-        "device": device,
+        "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -264,13 +223,11 @@ def run_device_bench(spec: ModelSpec, settings: Settings, config: DeviceConfig,
     }
 
 
-def machine_info(device: str) -> dict:
+def machine_info(device) -> dict:
     """What the figures were measured on."""
-    import torch
-
     info = {"platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "cpu_count": os.cpu_count(),
             "processor": platform.processor() or platform.machine()}
-    if device.startswith("cuda"):
+    if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info

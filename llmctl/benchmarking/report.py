@@ -19,9 +19,10 @@ def serve_table(result: dict) -> Group:
     """One column per concurrency level, rows in vLLM's order."""
     levels = result["levels"]
     rate = result["request_rate"]
-    table = Table(title=f"bench serve · {result['model']} @ {result['url']}",
-                  caption=f"prompts ≈{result['prompt_len']} tokens, {result['gen_len']} new "
-                  f"tokens each, arrivals {'all at once' if rate is None else f'{rate}/s'}",
+    caption = (f"prompts of {result['prompt_len']} {result['prompt_len_unit']}, "
+               f"{result['gen_len']} new tokens each, arrivals "
+               f"{'all at once' if rate is None else f'{rate}/s (Poisson)'}")
+    table = Table(title=f"bench serve · {result['model']} @ {result['url']}", caption=caption,
                   header_style="bold", title_justify="left", caption_justify="left")
     table.add_column("concurrency", style="bold")
     for level in levels:

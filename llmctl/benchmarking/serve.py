@@ -12,8 +12,8 @@ vllm/benchmarks/lib/endpoint_request_func.py `async_request_openai_completions`)
 - TPOT: (E2E - TTFT) / (output tokens - 1), only for requests with more than one
   output token.
 - Output tokens come from the server's `usage` (`stream_options.include_usage`);
-  when a server sends none, the number of choice chunks stands in (vLLM re-tokenizes
-  the text instead; we have no tokenizer on the client).
+  when a server sends none, the text is re-tokenized as vLLM does if a tokenizer was
+  given, and otherwise the number of choice chunks stands in.
 - Throughputs divide by the level's wall time, from the first request sent to the
   last response finished; only successful requests count.
 
@@ -55,8 +55,9 @@ from server.errors import (
 
 ENDPOINT = "/v1/completions"
 
-# Plain, mostly single-token English words: a prompt of N of them is close to N
-# tokens for a byte-level BPE tokenizer. The server's usage gives the exact count.
+# Plain, common English words: most tokenizers make one or two tokens of each. With
+# a tokenizer, prompts are cut to an exact token count; the server's usage reports
+# the count it saw either way.
 _WORDS = (
     "the of and to in is that it for was on are as with his they at be this from have "
     "or by one had not but what all were when we there can an your which their said if "
@@ -88,14 +89,30 @@ def base_url(url: str) -> str:
     return url.removesuffix("/v1")
 
 
-def make_prompts(n: int, prompt_len: int, seed: int, salt: str = "") -> list[str]:
-    """`n` different prompts of about `prompt_len` tokens of random words.
+def make_prompts(n: int, prompt_len: int, seed: int, salt: str = "",
+                 tokenizer=None) -> list[str]:
+    """`n` different prompts of random words, deterministic for a (seed, salt).
 
-    Deterministic for a (seed, salt); each level gets its own salt so that no prompt
-    repeats within a run, which would let a response cache answer instead of the model.
+    With a tokenizer each prompt is exactly `prompt_len` of its tokens (the text of
+    the first `prompt_len` tokens of a longer run of words); without one it is
+    `prompt_len` words, which most tokenizers turn into about as many tokens or a few
+    more. Each level gets its own salt so that no prompt repeats within a run, which
+    would let a response cache answer instead of the model.
     """
     rng = random.Random(f"{seed}:{salt}")
-    return [" ".join(rng.choice(_WORDS) for _ in range(max(1, prompt_len))) for _ in range(n)]
+    count = max(1, prompt_len)
+    prompts = []
+    for _ in range(n):
+        words = [rng.choice(_WORDS) for _ in range(count)]
+        if tokenizer is None:
+            prompts.append(" ".join(words))
+            continue
+        ids = tokenizer.encode(" ".join(words), add_special_tokens=False)
+        while len(ids) < count:
+            words += [rng.choice(_WORDS) for _ in range(count)]
+            ids = tokenizer.encode(" ".join(words), add_special_tokens=False)
+        prompts.append(tokenizer.decode(ids[:count]))
+    return prompts
 
 
 def arrival_offsets(n: int, request_rate: float, seed: int) -> list[float]:
@@ -116,16 +133,21 @@ class ServeConfig:
     model: str
     api_key: str | None = None
     concurrency: list[int] = field(default_factory=lambda: [1, 8, 32])
-    num_prompts: int | None = None  # per level; None: 2x the level, at least 16
+    num_prompts: int | None = None  # per level; None: see prompts_for
     request_rate: float = math.inf
     prompt_len: int = 128
     gen_len: int = 64
     temperature: float | None = None
     seed: int = 0
     timeout: float = 600.0
+    min_prompts: int = 16
+    prompts_per_stream: int = 2
+    tokenizer: object | None = None  # exact prompt lengths in its tokens (see make_prompts)
 
     def prompts_for(self, concurrency: int) -> int:
-        return self.num_prompts or max(16, 2 * concurrency)
+        """Requests at one level: --num-prompts, else enough that every stream runs a
+        few, so the first burst (all streams starting at once) is not the whole sample."""
+        return self.num_prompts or max(self.min_prompts, self.prompts_per_stream * concurrency)
 
 
 @dataclass
@@ -310,6 +332,7 @@ class ServeBench:
             "endpoint": ENDPOINT,
             "model": cfg.model,
             "prompt_len": cfg.prompt_len,
+            "prompt_len_unit": "words" if cfg.tokenizer is None else "tokens",
             "gen_len": cfg.gen_len,
             "request_rate": None if math.isinf(cfg.request_rate) else cfg.request_rate,
             "temperature": cfg.temperature,
@@ -321,7 +344,8 @@ class ServeBench:
     async def check(self, client: httpx.AsyncClient) -> None:
         """One request before the levels: it warms the server up, and a server that
         cannot serve at all fails here with one clear error instead of N errors."""
-        prompt = make_prompts(1, self.config.prompt_len, self.config.seed, "warmup")[0]
+        prompt = make_prompts(1, self.config.prompt_len, self.config.seed, "warmup",
+                              self.config.tokenizer)[0]
         result = await send_request(client, self.api_url, self.headers, self.payload(prompt))
         if not result.success:
             raise self._probe_error(result)
@@ -350,7 +374,7 @@ class ServeBench:
     async def run_level(self, client: httpx.AsyncClient, concurrency: int, index: int) -> dict:
         cfg = self.config
         n = cfg.prompts_for(concurrency)
-        prompts = make_prompts(n, cfg.prompt_len, cfg.seed, f"level{index}")
+        prompts = make_prompts(n, cfg.prompt_len, cfg.seed, f"level{index}", cfg.tokenizer)
         offsets = arrival_offsets(n, cfg.request_rate, cfg.seed + index)
         semaphore = asyncio.Semaphore(concurrency)
         self.on_level(concurrency, n)
@@ -371,6 +395,10 @@ class ServeBench:
             tasks.append(asyncio.create_task(one(prompt)))
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
+        if cfg.tokenizer is not None:
+            for r in results:
+                if r.success and not r.usage_reported:
+                    r.output_tokens = len(cfg.tokenizer.encode(r.text, add_special_tokens=False))
         return {"concurrency": concurrency, "num_prompts": n,
                 **calculate_metrics(results, duration, cfg.prompt_len)}
 

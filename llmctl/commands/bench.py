@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from llmctl import context, output
 from llmctl.output import JsonOption
-from server.errors import InvalidRequest, ModelNotFound
+from server.errors import ConfigError, InvalidRequest, ModelNotFound
 
 app = typer.Typer(help="Benchmark a local model on its device, or a running server under load.",
                   no_args_is_help=True)
@@ -48,6 +48,19 @@ def _int_list(text: str, option: str) -> list[int]:
     return values
 
 
+def _tokenizer(source: str | None):
+    if source is None:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"--tokenizer: cannot load {source}: {first}",
+                          param="tokenizer") from None
+
+
 @app.command("serve")
 def serve(
     url: Annotated[str, typer.Option("--url", help="Server root, e.g. http://127.0.0.1:8000 "
@@ -65,6 +78,10 @@ def serve(
                                                 "Poisson; inf sends all at once.")] = math.inf,
     prompt_len: PromptLenOption = 128,
     gen_len: GenLenOption = 64,
+    tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="Tokenizer directory "
+                                                  "or hub id: prompts of exactly --prompt-len "
+                                                  "tokens [default: --prompt-len words].")]
+    = None,
     temperature: Annotated[float | None, typer.Option("--temperature", help="Sent with each "
                                                       "request [default: the server's].")]
     = None,
@@ -84,7 +101,7 @@ def serve(
     """
     from llmctl.benchmarking.serve import ServeConfig, run_serve_bench
 
-    config = ServeConfig(url=url, model=model, api_key=api_key,
+    config = ServeConfig(url=url, model=model, api_key=api_key, tokenizer=_tokenizer(tokenizer),
                          concurrency=_int_list(concurrency, "--concurrency"),
                          num_prompts=num_prompts, request_rate=request_rate,
                          prompt_len=prompt_len, gen_len=gen_len, temperature=temperature,

@@ -124,3 +124,13 @@ async def test_error_status_keeps_the_envelope_message():
 async def test_empty_stream_is_a_failure():
     r = await _send(_sse("data: [DONE]"))
     assert not r.success and "without a single token" in r.error
+
+
+def test_prompts_with_a_tokenizer_have_exact_token_counts(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = make_prompts(5, 37, seed=0, salt="x", tokenizer=tokenizer)
+    assert len(set(prompts)) == 5
+    for prompt in prompts:
+        assert len(tokenizer.encode(prompt, add_special_tokens=False)) == 37

@@ -76,3 +76,28 @@ def test_bad_input_is_one_line_and_an_exit_code(cli_app, fake_server):
     assert unknown.exit_code == 4 and "'nope'" in unknown.output
     for r in (unreachable, bad_levels, wrong_key, unknown):
         assert len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_serve_against_the_live_gateway(cli_app, live_server, tmp_path):
+    """Done when 5: `bench serve` on a live `llmctl serve` with the tiny test model."""
+    key = live_server.create_key("bench")
+    out, png = tmp_path / "gw.json", tmp_path / "gw.png"
+    result = _bench(cli_app, live_server.url, "--concurrency", "1,4", "--num-prompts", "4",
+                    "--prompt-len", "8", "--gen-len", "6", "--temperature", "0",
+                    "--output", str(out), "--plot", str(png), key=key, model="tiny")
+    assert result.exit_code == 0, result.output
+    assert "TTFT" in result.output
+    data = json.loads(out.read_text())
+    assert [lv["concurrency"] for lv in data["levels"]] == [1, 4]
+    for level in data["levels"]:
+        assert LEVEL_FIELDS <= set(level)
+        assert level["completed"] == 4 and level["failed"] == 0, level["errors"]
+        assert level["usage_reported"] and 0 < level["total_output_tokens"] <= 4 * 6
+        assert level["total_input_tokens"] > 0 and level["median_ttft_ms"] > 0
+    assert png.stat().st_size > 10_000
+    # the gateway's own errors become the CLI's exit codes
+    wrong_key = _bench(cli_app, live_server.url, "--concurrency", "1", key="sk-wrong",
+                       model="tiny")
+    assert wrong_key.exit_code == 5, wrong_key.output
+    unknown = _bench(cli_app, live_server.url, "--concurrency", "1", key=key, model="nope")
+    assert unknown.exit_code == 4 and "'nope'" in unknown.output, unknown.output

@@ -1,0 +1,371 @@
+#!/usr/bin/env python
+"""Issue 6, "Done when" 4: the llmctl gateway against sequential `generate` and
+`transformers serve --continuous-batching`, on the `small` test model, in one run.
+
+    .venv/bin/python bench/serve_compare.py            # all three, print the figures
+    .venv/bin/python bench/serve_compare.py --record   # ... and write them to bench/RESULTS.md
+    .venv/bin/python bench/serve_compare.py --systems generate,transformers   # no gateway
+
+What runs, one after another so that no two compete for the CPU:
+
+(a) `generate`: the model loaded in this process, greedy `model.generate` on one
+    prompt at a time; output tok/s = new tokens / wall time, prefill included.
+(b) `llmctl`: `llmctl serve` with a models.yaml on the model (cache off, no limits)
+    and a fresh key, measured with the `bench serve` load generator at 1 and 16
+    concurrent streams.
+(c) `transformers`: `transformers serve --continuous-batching` on the same model
+    directory, same load generator, same prompts, same levels.
+
+Every request asks for `--gen-len` (64) new tokens at temperature 0 with prompts
+of `--prompt-len` (32) tokens. The checks are the issue's: llmctl at 16 streams ≥ 5x
+(a) and above (c) at 16; llmctl at 1 stream ≥ 90% of (a); llmctl TTFT p50 at 16
+< 4x its TTFT p50 at 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from llmctl.benchmarking.serve import ServeBench, ServeConfig, make_prompts  # noqa: E402
+
+BIN = Path(sys.executable).parent
+RESULTS = ROOT / "bench" / "RESULTS.md"
+START, END = "<!-- serve_compare:start -->", "<!-- serve_compare:end -->"
+SYSTEMS = ("generate", "llmctl", "transformers")
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_model(path: Path) -> Path:
+    if not (path / "config.json").exists():
+        log(f"building the small test model in {path}")
+        subprocess.run([str(BIN / "llmctl"), "models", "create-test-model", str(path),
+                        "--size", "small"], check=True, stdout=subprocess.DEVNULL)
+    return path.resolve()
+
+
+# --------------------------------------------------------------------------- (a)
+
+def run_generate(model_dir: Path, args) -> dict:
+    """Sequential greedy `generate`, one prompt at a time, in this process."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompts = make_prompts(args.generate_prompts, args.prompt_len, args.seed, "generate",
+                           args.tokenizer)
+    encoded = [tokenizer(p, return_tensors="pt") for p in prompts]
+    with torch.inference_mode():
+        model.generate(**encoded[0], max_new_tokens=4, do_sample=False)  # warm-up
+        new_tokens, start = 0, time.perf_counter()
+        for inputs in encoded:
+            out = model.generate(**inputs, max_new_tokens=args.gen_len, do_sample=False)
+            new_tokens += out.shape[1] - inputs["input_ids"].shape[1]
+        elapsed = time.perf_counter() - start
+    return {"requests": len(prompts), "output_tokens": new_tokens, "duration_s": elapsed,
+            "output_throughput": new_tokens / elapsed,
+            "prompt_tokens_mean": sum(e["input_ids"].shape[1] for e in encoded) / len(encoded)}
+
+
+# --------------------------------------------------------------------------- servers
+
+class Server:
+    """A server subprocess with its log in a file; stopped with SIGTERM, then SIGKILL."""
+
+    def __init__(self, name: str, argv: list[str], health: str, env: dict, log_dir: Path):
+        self.name, self.argv, self.health, self.env = name, argv, health, env
+        self.log_path = log_dir / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> Server:
+        log(f"starting {self.name}: {shlex.join(self.argv)}")
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.health, timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        self.__exit__()
+        raise RuntimeError(f"{self.name} did not come up:\n{self.log_path.read_text()[-3000:]}")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+def load(url: str, model: str, api_key: str | None, args, tag: str) -> dict:
+    """The `bench serve` load generator at each level, prompts cut to exact token counts."""
+    config = ServeConfig(url=url, model=model, api_key=api_key, concurrency=args.levels,
+                         prompt_len=args.prompt_len, gen_len=args.gen_len, temperature=0.0,
+                         seed=args.seed, min_prompts=args.min_prompts,
+                         prompts_per_stream=args.prompts_per_stream, tokenizer=args.tokenizer)
+    log(f"{tag}: load at {', '.join(map(str, args.levels))} concurrent streams")
+    return _run(ServeBench(config))
+
+
+def _run(bench: ServeBench) -> dict:
+    import asyncio
+
+    return asyncio.run(bench.run())
+
+
+def run_transformers(model_dir: Path, args, log_dir: Path) -> dict:
+    port = free_port()
+    argv = [str(BIN / "transformers"), "serve", str(model_dir), "--continuous-batching",
+            "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    with Server("transformers-serve", argv, f"http://127.0.0.1:{port}/health", env, log_dir):
+        result = load(f"http://127.0.0.1:{port}", str(model_dir), None, args, "transformers")
+    result["command"] = shlex.join(["transformers", *argv[1:]])
+    return result
+
+
+def run_llmctl(model_dir: Path, args, log_dir: Path) -> dict:
+    home = log_dir / "llmctl-home"
+    home.mkdir(exist_ok=True)
+    config = log_dir / "models.yaml"
+    config.write_text(
+        "default_model: small\nmodels:\n"
+        f"  - id: llmctl/small-test-model\n    name: small\n    type: local\n"
+        f"    path: {model_dir}\n    device: cpu\n    max_batch_size: {max(args.levels)}\n"
+        f"    max_queue: {4 * max(args.levels)}\n    max_new_tokens: {args.gen_len}\n")
+    port = free_port()
+    env = {**os.environ, "LLMCTL_HOME": str(home), "LLMCTL_CACHE_ENABLED": "false",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    llmctl = str(BIN / "llmctl")
+    argv = [llmctl, "serve", "--config", str(config), "--port", str(port), "--preload",
+            "--log-level", "warning"]
+    with Server("llmctl-serve", argv, f"http://127.0.0.1:{port}/healthz", env, log_dir):
+        created = subprocess.run([llmctl, "keys", "create", "--name", "bench", "--json"],
+                                 env=env, capture_output=True, text=True, check=True)
+        key = json.loads(created.stdout)["secret"]
+        result = load(f"http://127.0.0.1:{port}", "small", key, args, "llmctl")
+    result["command"] = f"llmctl serve --config models.yaml --preload  # {config.read_text()!r}"
+    return result
+
+
+# --------------------------------------------------------------------------- report
+
+def level(result: dict | None, concurrency: int) -> dict | None:
+    if not result:
+        return None
+    return next((lv for lv in result["levels"] if lv["concurrency"] == concurrency), None)
+
+
+def checks(gen: dict | None, gw: dict | None, ts: dict | None, hi: int) -> list[dict]:
+    """The issue's four conditions, each with its figures (None when a side is missing)."""
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    gw1, gwn, tsn = level(gw, 1), level(gw, hi), level(ts, hi)
+    base = gen["output_throughput"] if gen else None
+    out = lambda lv: lv["output_throughput"] if lv else None  # noqa: E731
+    ttft = lambda lv: lv["median_ttft_ms"] if lv else None  # noqa: E731
+    rows = [
+        (f"llmctl @{hi} / generate", ratio(out(gwn), base), ">=", 5.0),
+        (f"llmctl @{hi} / transformers serve @{hi}", ratio(out(gwn), out(tsn)), ">", 1.0),
+        ("llmctl @1 / generate", ratio(out(gw1), base), ">=", 0.9),
+        (f"llmctl TTFT p50 @{hi} / @1", ratio(ttft(gwn), ttft(gw1)), "<", 4.0),
+    ]
+    result = []
+    for name, value, op, target in rows:
+        ok = None if value is None else {"<": value < target, ">": value > target,
+                                         ">=": value >= target}[op]
+        result.append({"check": name, "value": value, "target": f"{op} {target:g}", "ok": ok})
+    return result
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+    import transformers
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _fmt(value, digits=1) -> str:
+    return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def markdown(doc: dict) -> str:
+    hi = max(doc["args"]["levels"])
+    gen, gw, ts = (doc["results"].get(s) for s in SYSTEMS)
+    lines = [
+        START,
+        "## Serving: llmctl gateway vs `transformers serve` vs sequential `generate` "
+        "(issue 6, Done when 4)",
+        "",
+        f"Run {doc['date']} at commit `{doc['commit']}`, one run, systems one after another. "
+        f"Machine: {doc['machine']['cpu']}, {doc['machine']['cores']} cores, "
+        f"torch {doc['machine']['torch']} ({doc['machine']['torch_threads']} threads), "
+        f"transformers {doc['machine']['transformers']}, Python {doc['machine']['python']}. "
+        f"Load average before / after: {doc['load_before']} / {doc['load_after']}.",
+        "",
+        f"Model: `create-test-model --size small` (~35M parameters, Llama, float32, CPU). "
+        f"{doc['args']['gen_len']} new tokens a request, greedy (temperature 0), prompts of "
+        f"{doc['args']['prompt_len']} tokens (random words); each server level runs "
+        f"max({doc['args']['min_prompts']}, {doc['args']['prompts_per_stream']} x concurrency) "
+        f"requests, all queued at once and capped at the concurrency (a closed loop: a stream "
+        f"sends its next request when the last one ends).",
+        "",
+        "```",
+        doc["command"],
+        "```",
+        "",
+        "| system | streams | output tok/s | TTFT p50 (ms) | TPOT p50 (ms) | E2E p50 (ms) "
+        "| requests ok / failed |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    if gen:
+        lines.append(f"| sequential `generate` | 1 | {_fmt(gen['output_throughput'])} | – | – | "
+                     f"{_fmt(gen['duration_s'] / gen['requests'] * 1000, 0)} "
+                     f"| {gen['requests']} / 0 |")
+    for name, result in (("llmctl gateway", gw), ("`transformers serve --continuous-batching`",
+                                                   ts)):
+        for lv in (result or {}).get("levels", []):
+            lines.append(f"| {name} | {lv['concurrency']} | {_fmt(lv['output_throughput'])} | "
+                         f"{_fmt(lv['median_ttft_ms'], 0)} | {_fmt(lv['median_tpot_ms'], 1)} | "
+                         f"{_fmt(lv['median_e2el_ms'], 0)} | {lv['completed']} / "
+                         f"{lv['failed']} |")
+    lines += ["", "| check (issue 6) | value | target | met |", "|---|---:|---|---|"]
+    for c in doc["checks"]:
+        met = {True: "yes", False: "**no**", None: "not measured"}[c["ok"]]
+        lines.append(f"| {c['check']} | {_fmt(c['value'], 2)} | {c['target']} | {met} |")
+    missing = [s for s in SYSTEMS if s not in doc["results"]]
+    if missing:
+        lines += ["", f"Not run in this record: {', '.join(missing)}."]
+    lines += ["", f"Figures for {hi} streams compare the same load on each server.", END]
+    return "\n".join(lines) + "\n"
+
+
+def record(text: str) -> None:
+    """Replace this script's section of bench/RESULTS.md (others own the rest)."""
+    current = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    if START in current and END in current:
+        head, rest = current.split(START, 1)
+        tail = rest.split(END, 1)[1].lstrip("\n")
+        new = head + text + ("\n" + tail if tail else "")
+    else:
+        new = current.rstrip("\n") + "\n\n" + text
+    RESULTS.write_text(new)
+    log(f"recorded in {RESULTS.relative_to(ROOT)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", type=Path, default=ROOT / "models" / "small")
+    parser.add_argument("--systems", default=",".join(SYSTEMS),
+                        help=f"comma-separated subset of {', '.join(SYSTEMS)}")
+    parser.add_argument("--levels", default="1,16")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--gen-len", type=int, default=64)
+    parser.add_argument("--min-prompts", type=int, default=8,
+                        help="requests per level: max(this, --prompts-per-stream x level)")
+    parser.add_argument("--prompts-per-stream", type=int, default=4)
+    parser.add_argument("--generate-prompts", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json-out", type=Path, default=ROOT / "bench" / "out" /
+                        "serve_compare.json")
+    parser.add_argument("--record", action="store_true", help="write bench/RESULTS.md")
+    args = parser.parse_args(argv)
+    args.levels = [int(x) for x in args.levels.split(",")]
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = set(systems) - set(SYSTEMS)
+    if unknown:
+        parser.error(f"unknown systems: {', '.join(sorted(unknown))}")
+
+    model_dir = ensure_model(args.model_dir)
+    from transformers import AutoTokenizer
+
+    args.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    doc = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(),
+           "machine": machine(),
+           "args": {k: (str(v) if isinstance(v, Path) else v)
+                    for k, v in vars(args).items() if k != "tokenizer"},
+           "command": shlex.join([".venv/bin/python", "bench/serve_compare.py",
+                                  *(argv if argv is not None else sys.argv[1:])]),
+           "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()), "results": {}}
+    with tempfile.TemporaryDirectory(prefix="serve_compare-") as tmp:
+        log_dir = Path(tmp)
+        for system in SYSTEMS:  # a fixed order, whatever the order asked
+            if system not in systems:
+                continue
+            if system == "generate":
+                log("generate: sequential greedy generate")
+                doc["results"]["generate"] = run_generate(model_dir, args)
+            elif system == "llmctl":
+                doc["results"]["llmctl"] = run_llmctl(model_dir, args, log_dir)
+            else:
+                doc["results"]["transformers"] = run_transformers(model_dir, args, log_dir)
+    doc["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    results = doc["results"]
+    doc["checks"] = checks(results.get("generate"), results.get("llmctl"),
+                           results.get("transformers"), max(args.levels))
+    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+    args.json_out.write_text(json.dumps(doc, indent=2) + "\n")
+    text = markdown(doc)
+    print(text)
+    if args.record:
+        record(text)
+    return 0 if all(c["ok"] is not False for c in doc["checks"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
