@@ -19,9 +19,9 @@ def serve_table(result: dict) -> Group:
     """One column per concurrency level, rows in vLLM's order."""
     levels = result["levels"]
     rate = result["request_rate"]
-    caption = (f"prompts of {result['prompt_len']} {result['prompt_len_unit']}, "
-               f"{result['gen_len']} new tokens each, arrivals "
-               f"{'all at once' if rate is None else f'{rate}/s (Poisson)'}")
+    caption = (f"prompt {result['prompt_len']} {result['prompt_len_unit']}, "
+               f"{result['gen_len']} new tokens; "
+               f"{'no arrival rate' if rate is None else f'Poisson {rate} req/s'}")
     table = Table(title=f"bench serve · {result['model']} @ {result['url']}", caption=caption,
                   header_style="bold", title_justify="left", caption_justify="left")
     table.add_column("concurrency", style="bold")

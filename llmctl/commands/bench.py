@@ -86,8 +86,8 @@ def serve(
                                                       "request [default: the server's].")]
     = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for prompts and arrivals.")] = 0,
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds a request may take.")]
-    = 600.0,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for a response "
+                                           "or its next chunk.")] = 600.0,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of throughput and "
                                               "latency against concurrency.")] = None,
     out: OutputOption = None,
