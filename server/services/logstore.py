@@ -71,7 +71,9 @@ def write_batch(db, records: list[RequestRecord]) -> None:
         if r.key_id is None:
             continue
         last_used[r.key_id] = max(last_used.get(r.key_id, r.created_at), r.created_at)
-        if r.model is None or r.status >= 400:
+        # Failed requests add nothing, except a client that left mid-stream: what it
+        # was charged for must show in usage too.
+        if r.model is None or (r.status >= 400 and not r.charged_tokens):
             continue
         u = usage[(r.key_id, r.created_at.strftime("%Y-%m"), r.model)]
         u["requests"] += 1

@@ -93,7 +93,7 @@ def test_sigterm_during_load_loses_no_log(live_server_factory, tiny_models_yaml)
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(one, i) for i in range(48)]
         done_before = 0
-        for future in concurrent.futures.as_completed(futures):
+        for _ in concurrent.futures.as_completed(futures):
             done_before += 1
             if done_before == 3:
                 server.proc.send_signal(signal.SIGTERM)

@@ -53,17 +53,6 @@ class Gw:
         return self.state.db
 
 
-def include_governance_routes(app) -> None:
-    """Mount /v1/admin and /v1/me unless create_app already does."""
-    from server.api.routes import admin, usage
-
-    # FastAPI >= 0.16x keeps an included router as one `_IncludedRouter` entry.
-    included = [getattr(r, "original_router", None) for r in app.routes]
-    for router in (admin.router, usage.router):
-        if not any(router is r for r in included):
-            app.include_router(router)
-
-
 @pytest.fixture
 def gov_gateway(tmp_path, tiny_models_yaml, monkeypatch):
     """`async with gov_gateway(db_url=None, **settings) as gw`: the real app in-process,
@@ -89,7 +78,6 @@ def gov_gateway(tmp_path, tiny_models_yaml, monkeypatch):
         settings = Settings(_env_file=None, models_config=tiny_models_yaml, log_prompts=True,
                             **overrides)
         app = create_app(settings, load_models_config(settings))
-        include_governance_routes(app)
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app)
             async with httpx.AsyncClient(transport=transport, base_url="http://gw",
