@@ -3,7 +3,7 @@
 `redis_server` (session) is the server object: `.url`, `.port`, `.stop()`,
 `.start()` / `.restart()` on the same port (for the "Redis went away" tests),
 `.running`, `.flush()`. `redis_url` (function) gives a URL to a running, empty
-server. Without `redis-server` on PATH the tests that need it are skipped with
+server. Without `redis-server` on PATH the tests that need it fail, naming
 the install line (CI installs it: `apt-get install -y redis-server`).
 """
 
@@ -90,7 +90,7 @@ def redis_server():
     """The session's redis-server (started on first use, stopped at the end)."""
     global _server
     if shutil.which("redis-server") is None:
-        pytest.skip(f"redis-server is not installed: {INSTALL}")
+        pytest.fail(f"redis-server is not installed: {INSTALL}")
     if _server is None:
         _server = RedisServer().start()
     yield _server
