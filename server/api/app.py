@@ -22,6 +22,7 @@ from server.api.state import AppState
 from server.config import ModelsConfig, Settings, load_models_config
 from server.db.engine import Database
 from server.engines.manager import EngineFactory, MultiModelManager, default_engine_factory
+from server.services.cache import CompletionCache
 from server.services.limits import Limiter
 from server.services.logstore import LogStore
 from server.services.redisconn import RedisHandle
@@ -46,8 +47,10 @@ def create_app(settings: Settings | None = None, models: ModelsConfig | None = N
                             batch_size=settings.log_batch_size, keep_text=settings.log_prompts)
         logstore.start()
         limiter = Limiter(settings, db, redis)
+        cache = CompletionCache(settings, db, redis)
+        await cache.start()
         state = AppState(settings=settings, models=models, db=db, manager=manager,
-                         logstore=logstore, redis=redis, limiter=limiter,
+                         logstore=logstore, redis=redis, limiter=limiter, cache=cache,
                          started_at=int(time.time()))
         state.gateway = Gateway(settings, manager, limiter=limiter, cache=state.cache)
         app.state.llmctl = state
@@ -60,6 +63,7 @@ def create_app(settings: Settings | None = None, models: ModelsConfig | None = N
             # uvicorn has finished in-flight requests by now; write their logs last.
             await limiter.close()
             await manager.close()
+            await cache.close()
             await logstore.close()
             if redis is not None:
                 await redis.close()

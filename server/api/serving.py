@@ -165,14 +165,33 @@ class Gateway:
 
     # --- admission, cache and settlement
 
-    def _cache_key(self, key: KeyInfo, call: Call) -> str | None:
-        p = call.requests[0].params
-        deterministic = p.temperature == 0 or p.seed is not None
-        if self.cache is None or not deterministic:
+    def _cache_key(self, key: KeyInfo, call: Call):
+        """The CacheKey, or None when the request is not cacheable (sampling without a
+        seed, or the cache is off). The prompt is what the model sees: token ids stay
+        ids (never their text form), chat is the rendered template."""
+        if self.cache is None:
             return None
+        n = max(1, len(call.requests) // max(1, len(call.prompt_texts)))
+        prompts = [r.prompt if r.messages is None else text
+                   for r, text in zip(call.requests[::n], call.prompt_texts, strict=True)]
         return self.cache.key_for(
-            model_id=call.spec.id, revision=call.spec.revision, prompt=call.prompt_texts,
-            params=call.cache_params, key_id=key.id)
+            model=call.spec.name, model_id=call.spec.id, revision=call.spec.revision,
+            prompt=prompts, params=call.cache_params, key_id=key.id)
+
+    async def _cached_or_generated(self, call: Call, cache_key) -> tuple[dict, str]:
+        """(value, hit|miss|bypass): the cache answers, or one identical request in
+        flight generates for all (single-flight), or — with no-cache or an uncacheable
+        request — the engine answers and the cache is only written."""
+        if cache_key is None or not call.policy.lookup:
+            if self.cache is not None:
+                self.cache.record_bypass()
+            value = await self._generate_all(call)
+            if cache_key is not None and call.policy.store:
+                await self.cache.put(cache_key, value)
+            return value, "bypass"
+        value, layer = await self.cache.single_flight(
+            cache_key, lambda: self._generate_all(call), store=call.policy.store)
+        return value, "hit" if layer else "miss"
 
     async def _admit(self, key: KeyInfo, call: Call):
         if self.limiter is None:
@@ -216,24 +235,7 @@ class Gateway:
         admission = await self._admit(key, call)
         charged = 0
         try:
-            cache_key = self._cache_key(key, call)
-            status = "bypass" if cache_key is None or not (
-                call.policy.lookup or call.policy.store) else "miss"
-            value = None
-            if cache_key and call.policy.lookup:
-                value, _layer = await self.cache.get(cache_key)
-                if value is not None:
-                    status = "hit"
-            if value is None:
-                if cache_key and call.policy.lookup:
-                    value, shared = await self.cache.single_flight(
-                        cache_key, lambda: self._generate_all(call))
-                    status = "hit" if shared else status
-                else:
-                    value = await self._generate_all(call)
-                if cache_key and call.policy.store and status == "miss":
-                    await self.cache.put(cache_key, value, model=call.spec.name,
-                                         revision=call.spec.revision, key_id=key.id)
+            value, status = await self._cached_or_generated(call, self._cache_key(key, call))
             outcome = Outcome(value["id"], value["created"],
                               [completion_from_dict(c) for c in value["choices"]], status,
                               dict(admission.headers) if admission else {})
@@ -251,30 +253,40 @@ class Gateway:
         Events are (choice index, StreamDelta | Completion)."""
         admission = await self._admit(key, call)
         headers = dict(admission.headers) if admission else {}
+        flight = None
         try:
             cache_key = self._cache_key(key, call)
-            if cache_key and call.policy.lookup:
-                value, _layer = await self.cache.get(cache_key)
-                if value is not None:
+            status = "bypass"
+            if cache_key is not None and call.policy.lookup:
+                # A hit, or a wait for an identical request in flight, is replayed as a
+                # stream; otherwise this request leads and streams as it generates.
+                flight = await self.cache.join(cache_key, store=call.policy.store)
+                if flight.hit:
+                    value = flight.value
                     outcome = Outcome(value["id"], value["created"],
                                       [completion_from_dict(c) for c in value["choices"]], "hit",
                                       headers)
                     call.id, call.created = outcome.id, outcome.created
                     return headers, "hit", self._replay(record, call, outcome, admission)
-            status = "miss" if cache_key and (call.policy.lookup or call.policy.store) \
-                else "bypass"
+                status = "miss"
+            elif self.cache is not None:
+                self.cache.record_bypass()
             streams = [call.engine.stream(r) for r in call.requests]
             merged = _merge(streams)
             first = await anext(merged)  # surfaces Overloaded etc. before the response
-        except BaseException:
+        except BaseException as exc:
+            if flight is not None:
+                await flight.release(exc)
             if admission is not None:
                 await admission.settle(0)
             raise
         return headers, status, self._relay(record, call, merged, first, cache_key, status,
-                                            admission, key)
+                                            admission, key, flight)
 
     async def _replay(self, record, call: Call, outcome: Outcome, admission):
         charged = self._charge(call, outcome)
+        if record is not None:
+            record.stream = True
         try:
             for i, choice in enumerate(outcome.choices):
                 if choice.text:
@@ -286,7 +298,7 @@ class Gateway:
                 await admission.settle(charged)
 
     async def _relay(self, record, call: Call, merged, first, cache_key, status, admission,
-                     key):
+                     key, flight=None):
         started = time.perf_counter()
         finals: dict[int, Completion] = {}
         produced = 0
@@ -316,10 +328,13 @@ class Gateway:
                 record.ttft_ms = ttft * 1000 if ttft is not None else None
             charged = self._charge(call, outcome)
             self._finish(record, call, outcome, charged)
-            if cache_key and call.policy.store:
-                await self.cache.put(cache_key, outcome.cache_value(), model=call.spec.name,
-                                     revision=call.spec.revision, key_id=key.id)
-        except (GeneratorExit, asyncio.CancelledError):
+            if flight is not None:
+                await flight.fulfil(outcome.cache_value())  # wakes waiters, stores
+            elif cache_key is not None and call.policy.store:
+                await self.cache.put(cache_key, outcome.cache_value())
+        except (GeneratorExit, asyncio.CancelledError) as exc:
+            if flight is not None:
+                await flight.release(exc)  # a waiting identical request takes over
             # The client went away: generation stops (engine streams are closed below)
             # and what was produced is still charged and logged.
             charged = call.prompt_tokens + produced
@@ -330,6 +345,10 @@ class Gateway:
                 record.error_type = "client_disconnected"
                 record.finish_reason = "abort"
                 record.status = 499
+            raise
+        except BaseException as exc:
+            if flight is not None:
+                await flight.release(exc)
             raise
         finally:
             with contextlib.suppress(Exception):

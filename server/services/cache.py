@@ -205,7 +205,10 @@ class Flight:
         finally:
             self._release_local(value=value)
 
-    async def _abandon(self, exc: BaseException | None) -> None:
+    async def release(self, exc: BaseException | None = None) -> None:
+        """End a flight that produced nothing (an error, the client gone): waiters
+        get the error, or take over when the leader was cancelled. A no-op after
+        `fulfil` and for hits."""
         if not self.leader or self._done:
             return
         self._done = True
@@ -356,14 +359,14 @@ class CompletionCache:
 
         The leader must `await flight.fulfil(value)`; leaving the block without it
         (an error, a client gone) hands leadership to a waiter."""
-        f = await self._join(ck, store)
+        f = await self.join(ck, store=store)
         try:
             yield f
         except BaseException as exc:
-            await asyncio.shield(f._abandon(exc))
+            await asyncio.shield(f.release(exc))
             raise
         else:
-            await f._abandon(None)
+            await f.release()
 
     async def single_flight(self, ck: CacheKey, produce: Callable[[], Awaitable[dict]], *,
                             store: bool = True) -> tuple[dict, str | None]:
@@ -375,7 +378,10 @@ class CompletionCache:
             await f.fulfil(value)
             return value, None
 
-    async def _join(self, ck: CacheKey, store: bool) -> Flight:
+    async def join(self, ck: CacheKey, *, store: bool = True) -> Flight:
+        """`flight()` without the block, for callers whose generation outlives a
+        `with` (a streaming response): a leader must end with `fulfil(value)` or
+        `release(exc)`."""
         deadline = time.monotonic() + self.wait_timeout
         while True:
             value, layer = await self.get(ck, record=False)
