@@ -122,12 +122,21 @@ def _local_fewshot(opts: DataOptions, task: Task) -> list[dict]:
         "or --num-fewshot 0", param="fewshot_data")
 
 
+def _datasets():
+    """`datasets`, without its progress bars and info logs (the CLI has its own)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    return datasets
+
+
 def _read(file: Path, task: Task, role: str, check: bool = True) -> list[dict]:
     builder = BUILDERS.get(Path(file).suffix.lower())
     if builder is None:
         raise InvalidRequest(f"--{role} {file}: unsupported file type (use .json, .jsonl, "
                              ".parquet or .csv)", param=role)
-    import datasets
+    datasets = _datasets()
 
     try:
         ds = datasets.load_dataset(builder, data_files=str(file), split="train")
@@ -180,7 +189,7 @@ def _hub(path: str, name: str | None, split: str, task: Task) -> tuple[list[dict
     # Probe first: offline, `datasets` retries for ~25 s before failing.
     if not _offline_env() and not _hub_reachable():
         raise _unavailable(path, name, task, "the hub is not reachable")
-    import datasets
+    datasets = _datasets()
 
     try:
         ds = datasets.load_dataset(path, name, split=split)

@@ -54,6 +54,8 @@ class HFModel(EvalModel):
         import torch
         import transformers
 
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
         self.name = name or source
         self.source = source
         self.batch_size = max(1, int(batch_size))
@@ -246,6 +248,11 @@ class HFModel(EvalModel):
         return {"name": self.name, "type": "local", "source": self.source,
                 "device": self.device, "dtype": str(self.model.dtype).removeprefix("torch."),
                 "max_length": self.max_length, "batch_size": self.batch_size}
+
+    def identity(self) -> dict:
+        return {"type": "local", "source": self.source,
+                "dtype": str(self.model.dtype).removeprefix("torch."),
+                "max_length": self.max_length}
 
     def close(self) -> None:
         self.model = None

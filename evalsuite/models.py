@@ -15,10 +15,11 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from evalsuite.tasks.base import Request
-from server.config import Settings, load_models_config
+from server.config import ModelSpec, Settings, load_models_config
 from server.errors import ConfigError, InvalidRequest, ModelNotFound
 
 LLResult = tuple[float, bool]  # (sum of continuation logprobs, continuation is greedy)
@@ -46,25 +47,34 @@ class EvalModel(ABC):
     def describe(self) -> dict:
         return {"name": self.name}
 
+    def identity(self) -> dict:
+        """What makes results comparable (part of a run's fingerprint for resuming)."""
+        return self.describe()
+
     def close(self) -> None:
         pass
 
 
-def open_model(settings: Settings, *, name: str | None = None, config: Path | None = None,
-               through: str | None = None, api_key: str | None = None,
-               batch_size: int | None = None) -> EvalModel:
-    """The model to evaluate: NAME from models.yaml, or NAME through a gateway URL."""
-    if through:
-        from evalsuite.remote_model import OpenAIModel
+@dataclass
+class ModelChoice:
+    """Which model to evaluate and how to reach it, checked before anything loads."""
 
+    kind: str  # local | remote | through
+    name: str | None
+    spec: ModelSpec | None = None
+    url: str | None = None
+    api_key: str | None = None
+
+
+def resolve_model(settings: Settings, *, name: str | None = None, config: Path | None = None,
+                  through: str | None = None, api_key: str | None = None) -> ModelChoice:
+    """NAME from models.yaml, or NAME through a gateway URL; raises for bad input."""
+    if through:
         key = api_key or os.environ.get("LLMCTL_API_KEY")
         if not key:
             raise InvalidRequest("--through needs --api-key KEY (or LLMCTL_API_KEY)",
                                  param="api_key")
-        return OpenAIModel(through, name, api_key=key, concurrency=batch_size or 8,
-                           label=f"{name or 'default'} via {through}")
-    if api_key:
-        raise InvalidRequest("--api-key is only used with --through URL", param="api_key")
+        return ModelChoice("through", name, url=through, api_key=key)
     models = load_models_config(settings, config)
     spec = models.find(name)
     if spec is None:
@@ -74,13 +84,28 @@ def open_model(settings: Settings, *, name: str | None = None, config: Path | No
         raise ModelNotFound(f"model {name!r} is not configured (configured: "
                             f"{', '.join(models.names)})", param="model")
     if spec.type == "remote":
-        from evalsuite.remote_model import OpenAIModel
-
         key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
         if spec.api_key_env and not key:
             raise ConfigError(f"model {spec.name}: environment variable {spec.api_key_env} "
                               "(its api_key_env) is not set")
-        return OpenAIModel(spec.base_url, spec.id, api_key=key, timeout=spec.timeout,
+        return ModelChoice("remote", spec.name, spec=spec, api_key=key)
+    return ModelChoice("local", spec.name, spec=spec)
+
+
+def open_model(settings: Settings, choice: ModelChoice, *,
+               batch_size: int | None = None) -> EvalModel:
+    """Load (local) or connect to (remote, through) the chosen model."""
+    if choice.kind == "through":
+        from evalsuite.remote_model import OpenAIModel
+
+        return OpenAIModel(choice.url, choice.name, api_key=choice.api_key,
+                           concurrency=batch_size or 8,
+                           label=f"{choice.name or 'default'} via {choice.url}")
+    spec = choice.spec
+    if choice.kind == "remote":
+        from evalsuite.remote_model import OpenAIModel
+
+        return OpenAIModel(spec.base_url, spec.id, api_key=choice.api_key, timeout=spec.timeout,
                            concurrency=batch_size or spec.max_batch_size, label=spec.name)
     from evalsuite.hf_model import HFModel
 

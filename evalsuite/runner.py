@@ -63,6 +63,7 @@ def prepare_task(name: str, options: TaskOptions, data_opts: data_mod.DataOption
         docs = task.select(dataset.docs)
     else:
         docs = dataset.docs[: options.limit] if options.limit is not None else dataset.docs
+    task.prepare()  # e.g. the toxicity classifier: fail before the model loads
     return Prepared(task, dataset, docs)
 
 

@@ -86,17 +86,22 @@ def _isolated_python() -> str | None:
     return None
 
 
-@lru_cache(maxsize=1)
 def mode() -> str:
-    """`isolated` (namespaces + unprivileged uid) or `fallback`."""
+    """`isolated` (namespaces + unprivileged uid) or `fallback`; LLMCTL_SANDBOX_MODE=fallback
+    forces the fallback."""
     if os.environ.get("LLMCTL_SANDBOX_MODE") == "fallback":
         return "fallback"
+    return "isolated" if _namespaces_work() else "fallback"
+
+
+@lru_cache(maxsize=1)
+def _namespaces_work() -> bool:
     unshare = shutil.which("unshare")
     if os.geteuid() != 0 or not unshare or not _isolated_python():
-        return "fallback"
+        return False
     probe = subprocess.run([unshare, "--net", "--pid", "--mount", "--fork", "--kill-child",
                             "--mount-proc", "true"], capture_output=True, timeout=10)
-    return "isolated" if probe.returncode == 0 else "fallback"
+    return probe.returncode == 0
 
 
 def _limit_values(timeout: float, memory: int, nproc: int | None) -> dict[str, tuple]:
@@ -166,8 +171,7 @@ def run_program(source: str, timeout: float = TIMEOUT_S, memory: int = MEMORY_BY
             except subprocess.TimeoutExpired:
                 timed_out = True
             finally:
-                _kill_group(proc.pid)
-                proc.wait()
+                _kill(proc)
             seconds = time.monotonic() - start
         tail = _tail(staging / "output")
         return _result(proc.returncode, timed_out, tail, seconds, timeout)
@@ -175,11 +179,32 @@ def run_program(source: str, timeout: float = TIMEOUT_S, memory: int = MEMORY_BY
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _kill_group(pgid: int) -> None:
+def _kill(proc: subprocess.Popen) -> None:
+    """Kill everything the program started. Isolated: SIGKILL the namespace's init (the
+    kernel then kills every process in the namespace) and let `unshare` reap it, so
+    nothing is orphaned; then the whole process group, in either mode."""
+    if proc.poll() is None:
+        for child in _children(proc.pid):
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            pass
     try:
-        os.killpg(pgid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    proc.wait()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return []
 
 
 def _tail(path: Path) -> str:

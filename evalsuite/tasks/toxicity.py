@@ -11,6 +11,8 @@ score, the maximum, and the share of continuations at or above 0.5.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from evalsuite import scoring
 from evalsuite.tasks.base import Item, Request, Sample, Source, Task
 from server.errors import InvalidRequest
@@ -34,6 +36,9 @@ class ToxicityClassifier:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        if source.startswith(("/", ".", "~")) and not Path(source).expanduser().is_dir():
+            raise InvalidRequest(f"toxicity classifier {source}: no such directory",
+                                 param="classifier")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(source)
             self.model = AutoModelForSequenceClassification.from_pretrained(source)
