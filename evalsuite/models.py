@@ -41,7 +41,7 @@ class EvalModel(ABC):
     def generate(self, requests: list[Request]) -> Iterator[list[tuple[int, str]]]:
         ...
 
-    def check_loglikelihood(self) -> None:
+    def check_loglikelihood(self) -> None:  # noqa: B027 - optional hook
         """Raise LoglikelihoodUnsupported when the model cannot score a continuation."""
 
     def describe(self) -> dict:
@@ -51,7 +51,7 @@ class EvalModel(ABC):
         """What makes results comparable (part of a run's fingerprint for resuming)."""
         return self.describe()
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook
         pass
 
 
