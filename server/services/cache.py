@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import secrets
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -259,8 +260,12 @@ class CompletionCache:
         self._repopulating: set[str] = set()
         self._task: asyncio.Task | None = None
         # SQLite reads are microseconds and never wait on writers (WAL): run them
-        # inline. Server databases go through a thread.
-        self._inline_reads = bool(getattr(db, "is_sqlite", False))
+        # inline, on a read-only connection of the cache's own (the hit path's
+        # biggest cost after the web framework). Server databases go through a thread.
+        self._sqlite: _SqliteReader | None = None
+        if getattr(db, "is_sqlite", False) and db.engine.url.database not in (None, "",
+                                                                             ":memory:"):
+            self._sqlite = _SqliteReader(db)
 
     # ----- lifecycle
 
@@ -279,6 +284,8 @@ class CompletionCache:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self.flush_hits()
+        if self._sqlite is not None:
+            self._sqlite.close()
 
     async def _maintain(self) -> None:
         next_sweep = time.monotonic() + self.sweep_interval
@@ -596,8 +603,8 @@ class CompletionCache:
 
     async def _db_read(self, key: str) -> tuple[dict, datetime | None] | None:
         try:
-            if self._inline_reads:
-                return _read_entry(self.db, key)
+            if self._sqlite is not None:
+                return self._sqlite.read(key)
             return await asyncio.to_thread(_read_entry, self.db, key)
         except Exception:  # noqa: BLE001 - a cache read never fails a request
             log.exception("cache: database lookup failed")
@@ -645,6 +652,38 @@ def _read_entry(db, key: str) -> tuple[dict, datetime | None] | None:
     if row.expires_at is not None and row.expires_at <= utcnow():
         return None
     return row.response, row.expires_at
+
+
+class _SqliteReader:
+    """One read-only sqlite3 connection for lookups on the event loop (WAL: readers
+    never wait for the log writer or the cache's own writes)."""
+
+    SQL = "SELECT response, expires_at FROM completion_cache WHERE cache_key = ?"
+
+    def __init__(self, db):
+        self.db = db
+        self.path = db.engine.url.database
+        self._conn: sqlite3.Connection | None = None
+
+    def read(self, key: str) -> tuple[dict, datetime | None] | None:
+        if self._conn is None:
+            self.db.ensure_schema()
+            self._conn = sqlite3.connect(self.path, check_same_thread=False,
+                                         isolation_level=None)
+            self._conn.execute("PRAGMA query_only=ON")
+        row = self._conn.execute(self.SQL, (key,)).fetchone()
+        if row is None:
+            return None
+        raw, expires = row
+        expires_at = datetime.fromisoformat(expires) if expires else None
+        if expires_at is not None and expires_at <= utcnow():
+            return None
+        return (json.loads(raw) if isinstance(raw, str | bytes) else raw), expires_at
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 _HITS = (update(Entry).where(Entry.cache_key == bindparam("k"))

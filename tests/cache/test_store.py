@@ -159,7 +159,8 @@ async def test_database_failure_is_a_miss_not_an_error(cache, monkeypatch):
         raise RuntimeError("db down")
 
     monkeypatch.setattr(svc, "_read_entry", broken)
-    monkeypatch.setattr(cache, "_inline_reads", False)
+    if cache._sqlite is not None:
+        monkeypatch.setattr(cache._sqlite, "read", broken)
     assert await cache.get(k) == (None, None)
     monkeypatch.setattr(cache, "_db_write", broken)
     await cache.put(k, VALUE)  # logged, not raised

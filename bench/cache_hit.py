@@ -1,0 +1,364 @@
+"""A cache hit through the whole gateway against a bare FastAPI endpoint, in one run.
+
+    .venv/bin/python bench/cache_hit.py [--seconds 5] [--redis] [--json]
+
+Starts two servers on loopback, each a uvicorn process like `llmctl serve` runs:
+
+- bare: a FastAPI app with one POST route that returns a fixed small JSON body;
+- gateway: `llmctl serve` on the test model and embedded SQLite (or Postgres via
+  LLMCTL_DATABASE_URL), with an API key that has rate limits and a monthly quota,
+  so every request goes through auth, limits, the cache, the request log and
+  metrics. One request primes the cache; every measured request is then a hit
+  (checked through `x-llmctl-cache`).
+
+Both are driven by the same load generator: raw HTTP/1.1 keep-alive connections
+on asyncio (uvloop when installed), a client cheap enough to leave the server
+most of a core. It measures p50/p90/p99 latency at one connection
+(sequential requests) and throughput at 16 connections (each connection sends
+its next request as soon as the last one is answered), after a warm-up.
+
+Issue 5 asks for: gateway p50 at one connection <= 3 ms, and gateway throughput
+at 16 connections >= half the bare endpoint's. The exit status is 0 when both
+hold, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+LLMCTL = str(Path(PY).with_name("llmctl"))
+PROMPT = "The cache benchmark asks the same question every time:"
+BODY = {"model": "tiny", "prompt": PROMPT, "max_tokens": 16, "temperature": 0}
+
+BARE_APP = '''
+from fastapi import FastAPI
+from pydantic import BaseModel
+
+class Req(BaseModel):
+    model: str
+    prompt: str
+    max_tokens: int = 16
+    temperature: float = 1.0
+
+app = FastAPI()
+RESPONSE = __RESPONSE__
+
+@app.post("/v1/completions")
+async def completions(req: Req):
+    return RESPONSE
+'''
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_up(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {log.read_text()[-3000:]}")
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError(f"server did not start: {log.read_text()[-3000:]}")
+
+
+# ----------------------------------------------------------------- load generator
+
+
+class Conn:
+    """One keep-alive HTTP/1.1 connection sending the same prepared request."""
+
+    def __init__(self, port: int, request: bytes):
+        self.port, self.request = port, request
+
+    async def open(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+
+    async def send(self) -> tuple[int, bytes, bytes]:
+        self.writer.write(self.request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        body = await self.reader.readexactly(length)
+        return status, head, body
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class HttpxConn:
+    """The same interface over an httpx.AsyncClient: what a typical Python caller
+    (the OpenAI SDK, LiteLLM, an eval harness) spends per request on the client side."""
+
+    def __init__(self, port: int, request: bytes, client: httpx.AsyncClient):
+        head, _, body = request.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        self.path = lines[0].split()[1]
+        self.headers = dict(line.split(": ", 1) for line in lines[1:]
+                            if not line.lower().startswith(("host:", "content-length:")))
+        self.body, self.port, self.client = body, port, client
+
+    async def open(self) -> None:
+        pass
+
+    async def send(self) -> tuple[int, bytes, bytes]:
+        r = await self.client.post(f"http://127.0.0.1:{self.port}{self.path}",
+                                   content=self.body, headers=self.headers)
+        head = "\r\n".join(f"{k}: {v}" for k, v in r.headers.items()).encode()
+        return r.status_code, head, r.content
+
+    def close(self) -> None:
+        pass
+
+
+CLIENT = {"kind": "raw"}
+
+
+def connection(port: int, request: bytes, client=None):
+    if CLIENT["kind"] == "httpx":
+        return HttpxConn(port, request, client)
+    return Conn(port, request)
+
+
+def build_request(path: str, body: dict, headers: dict[str, str]) -> bytes:
+    raw = json.dumps(body).encode()
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json",
+             f"Content-Length: {len(raw)}", *[f"{k}: {v}" for k, v in headers.items()]]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + raw
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+async def one_connection(port: int, request: bytes, n: int, check) -> dict:
+    client = httpx.AsyncClient(limits=httpx.Limits(max_connections=1), timeout=30)
+    conn = connection(port, request, client)
+    await conn.open()
+    for _ in range(max(50, n // 10)):  # warm-up
+        check(*await conn.send())
+    lat = []
+    for _ in range(n):
+        t = time.perf_counter()
+        status, head, body = await conn.send()
+        lat.append((time.perf_counter() - t) * 1000)
+        check(status, head, body)
+    conn.close()
+    await client.aclose()
+    return {"requests": n, "p50_ms": statistics.median(lat), "p90_ms": pct(lat, 0.9),
+            "p99_ms": pct(lat, 0.99), "mean_ms": statistics.fmean(lat)}
+
+
+async def many_connections(port: int, request: bytes, conns: int, seconds: float,
+                           check) -> dict:
+    client = httpx.AsyncClient(limits=httpx.Limits(max_connections=conns), timeout=30)
+    pool = [connection(port, request, client) for _ in range(conns)]
+    for c in pool:
+        await c.open()
+    lat: list[float] = []
+    state = {"measure": False, "stop": False, "count": 0}
+
+    async def worker(c: Conn):
+        while not state["stop"]:
+            t = time.perf_counter()
+            status, head, body = await c.send()
+            if state["measure"]:
+                lat.append((time.perf_counter() - t) * 1000)
+                state["count"] += 1
+            check(status, head, body)
+
+    tasks = [asyncio.create_task(worker(c)) for c in pool]
+    await asyncio.sleep(min(1.0, seconds / 4))  # warm-up
+    state["measure"] = True
+    t0 = time.perf_counter()
+    await asyncio.sleep(seconds)
+    state["measure"] = False
+    elapsed = time.perf_counter() - t0
+    count = state["count"]
+    state["stop"] = True
+    await asyncio.gather(*tasks)
+    for c in pool:
+        c.close()
+    await client.aclose()
+    return {"connections": conns, "seconds": round(elapsed, 2), "requests": count,
+            "rps": count / elapsed, "p50_ms": statistics.median(lat), "p99_ms": pct(lat, 0.99)}
+
+
+def checker(expect_hit: bool):
+    def check(status: int, head: bytes, body: bytes) -> None:
+        if status != 200:
+            raise RuntimeError(f"HTTP {status}: {body[:300]!r}")
+        if expect_hit and b"x-llmctl-cache: hit" not in head.lower():
+            raise RuntimeError(f"not a cache hit: {head!r}")
+    return check
+
+
+async def measure(port: int, request: bytes, check, n1: int, seconds: float) -> dict:
+    single = await one_connection(port, request, n1, check)
+    multi = await many_connections(port, request, 16, seconds, check)
+    return {"one_connection": single, "sixteen_connections": multi}
+
+
+# ----------------------------------------------------------------- servers
+
+
+def start_bare(work: Path, response: dict) -> tuple[subprocess.Popen, int]:
+    app = work / "bare_app.py"
+    app.write_text(BARE_APP.replace("__RESPONSE__", repr(response)))
+    port = free_port()
+    log = work / "bare.log"
+    proc = subprocess.Popen(
+        [PY, "-m", "uvicorn", "bare_app:app", "--port", str(port), "--log-level", "warning",
+         "--no-access-log"], cwd=work, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    wait_up(f"http://127.0.0.1:{port}/docs", proc, log)
+    return proc, port
+
+
+def start_gateway(work: Path, redis_url: str | None) -> tuple[subprocess.Popen, int, str, dict]:
+    model_dir = work / "tiny"
+    subprocess.run([LLMCTL, "models", "create-test-model", str(model_dir)], check=True,
+                   capture_output=True)
+    config = work / "models.yaml"
+    config.write_text("default_model: tiny\nmodels:\n"
+                      f"  - id: test/tiny\n    name: tiny\n    path: {model_dir}\n"
+                      "    device: cpu\n    max_context: 512\n")
+    env = {**os.environ, "LLMCTL_HOME": str(work / "home")}
+    env.pop("LLMCTL_REDIS_URL", None)
+    if redis_url:
+        env["LLMCTL_REDIS_URL"] = redis_url
+    # Limits that never bind but are enforced on every request.
+    out = subprocess.run([LLMCTL, "keys", "create", "--name", "bench", "--json", "--rpm",
+                          "100000000", "--tpm", "1000000000", "--monthly-tokens",
+                          "1000000000000"], env=env, check=True, capture_output=True,
+                         text=True).stdout
+    secret = json.loads(out)["secret"]
+    port = free_port()
+    log = work / "gateway.log"
+    proc = subprocess.Popen([LLMCTL, "serve", "--config", str(config), "--port", str(port),
+                             "--log-level", "warning", "--preload"], env=env,
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    wait_up(f"http://127.0.0.1:{port}/healthz", proc, log)
+    headers = {"Authorization": f"Bearer {secret}"}
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    first = httpx.post(url, json=BODY, headers=headers, timeout=120)
+    second = httpx.post(url, json=BODY, headers=headers, timeout=30)
+    if first.status_code != 200 or second.headers.get("x-llmctl-cache") != "hit":
+        raise RuntimeError(f"priming failed: {first.status_code} {first.text[:300]} / "
+                           f"{second.headers.get('x-llmctl-cache')}")
+    assert first.content == second.content
+    return proc, port, secret, second.json()
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+async def run(seconds: float, n1: int, redis_url: str | None, client: str) -> dict:
+    CLIENT["kind"] = client
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    work = Path(tempfile.mkdtemp(prefix="llmctl-bench-cache-"))
+    gw, gw_port, secret, hit_body = start_gateway(work, redis_url)
+    bare, bare_port = start_bare(work, hit_body)  # the same body, bare
+    try:
+        results = {}
+        # Bare first, then the gateway, then bare again: the machine's state drifts,
+        # and the two bare runs show how much.
+        bare_req = build_request("/v1/completions", BODY, {})
+        gw_req = build_request("/v1/completions", BODY, {"Authorization": f"Bearer {secret}"})
+        results["bare"] = await measure(bare_port, bare_req, checker(False), n1, seconds)
+        results["gateway_hit"] = await measure(gw_port, gw_req, checker(True), n1, seconds)
+        again = await measure(bare_port, bare_req, checker(False), n1, seconds)
+        results["bare_again"] = again
+    finally:
+        stop(gw)
+        stop(bare)
+    bare_rps = max(results["bare"]["sixteen_connections"]["rps"],
+                   again["sixteen_connections"]["rps"])
+    gw = results["gateway_hit"]
+    results["verdict"] = {
+        "gateway_p50_1conn_ms": round(gw["one_connection"]["p50_ms"], 3),
+        "p50_target_ms": 3.0,
+        "gateway_rps_16": round(gw["sixteen_connections"]["rps"], 1),
+        "bare_rps_16": round(bare_rps, 1),
+        "ratio": round(gw["sixteen_connections"]["rps"] / bare_rps, 3),
+        "ratio_target": 0.5,
+    }
+    v = results["verdict"]
+    v["pass"] = v["gateway_p50_1conn_ms"] <= 3.0 and v["ratio"] >= 0.5
+    results["setup"] = {"client": client, "redis": bool(redis_url), "seconds": seconds,
+                        "one_conn_requests": n1,
+                        "database": os.environ.get("LLMCTL_DATABASE_URL", "sqlite (embedded)"),
+                        "cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    return results
+
+
+def render(r: dict) -> str:
+    rows = ["| endpoint | p50 @1 conn (ms) | p99 @1 conn (ms) | req/s @16 conn | p50 @16 (ms) |",
+            "|---|---|---|---|---|"]
+    for name in ("bare", "gateway_hit", "bare_again"):
+        one, many = r[name]["one_connection"], r[name]["sixteen_connections"]
+        rows.append(f"| {name} | {one['p50_ms']:.2f} | {one['p99_ms']:.2f} | "
+                    f"{many['rps']:.0f} | {many['p50_ms']:.2f} |")
+    v = r["verdict"]
+    rows.append("")
+    rows.append(f"gateway p50 @1 = {v['gateway_p50_1conn_ms']} ms (target <= 3); "
+                f"gateway/bare @16 = {v['ratio']} (target >= 0.5): "
+                f"{'PASS' if v['pass'] else 'FAIL'}")
+    return "\n".join(rows)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=5.0, help="measured time at 16 conns")
+    ap.add_argument("--requests", type=int, default=2000, help="sequential requests at 1 conn")
+    ap.add_argument("--redis", metavar="URL", default=None, help="use this Redis (hot layer)")
+    ap.add_argument("--client", choices=["raw", "httpx"], default="raw",
+                    help="load generator: raw sockets (server-bound) or httpx (typical caller)")
+    ap.add_argument("--json", action="store_true", help="print the full results as JSON")
+    ap.add_argument("--out", default=None, help="results file (default bench/out/...)")
+    args = ap.parse_args()
+    results = asyncio.run(run(args.seconds, args.requests, args.redis, args.client))
+    out = Path(args.out or ROOT / "bench" / "out" / f"cache_hit_{args.client}"
+               f"{'_redis' if args.redis else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2) if args.json else render(results))
+    return 0 if results["verdict"]["pass"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
