@@ -15,8 +15,9 @@ from fastapi import FastAPI
 
 from server.api import errors, metrics
 from server.api.middleware import RequestContextMiddleware
-from server.api.routes import generate, health, openai
+from server.api.routes import admin, generate, health, openai
 from server.api.routes import models as model_routes
+from server.api.routes import usage as usage_routes
 from server.api.serving import Gateway
 from server.api.state import AppState
 from server.config import ModelsConfig, Settings, load_models_config
@@ -73,6 +74,6 @@ def create_app(settings: Settings | None = None, models: ModelsConfig | None = N
                   docs_url="/docs", redoc_url=None)
     app.add_middleware(RequestContextMiddleware)
     errors.install(app)
-    for module in (health, generate, openai, model_routes):
+    for module in (health, generate, openai, model_routes, usage_routes, admin):
         app.include_router(module.router)
     return app
