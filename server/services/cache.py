@@ -359,6 +359,14 @@ class CompletionCache:
             self._repopulate(ck, value, expires_at)
         return value, "db"
 
+    async def lookup(self, ck: CacheKey) -> tuple[dict | None, str | None]:
+        """`get` for a fast path ahead of `flight`: a hit is counted in the metrics, a
+        miss is not (the flight that follows counts it)."""
+        value, layer = await self.get(ck, record=False)
+        if value is not None:
+            CACHE_REQUESTS.labels(layer, "hit").inc()
+        return value, layer
+
     @asynccontextmanager
     async def flight(self, ck: CacheKey, *, store: bool = True) -> AsyncIterator[Flight]:
         """Look `ck` up; on a miss, either wait for an identical request in flight
