@@ -59,6 +59,8 @@ class Call:
     policy: CachePolicy = field(default_factory=CachePolicy)
     id: str = ""
     created: int = 0
+    # Time to first token counts from here: the request is validated and its model loaded.
+    started: float = field(default_factory=time.perf_counter)
 
 
 def completion_from_dict(data: dict) -> Completion:
@@ -299,7 +301,6 @@ class Gateway:
 
     async def _relay(self, record, call: Call, merged, first, cache_key, status, admission,
                      key, flight=None):
-        started = time.perf_counter()
         finals: dict[int, Completion] = {}
         produced = 0
         ttft = None
@@ -313,7 +314,7 @@ class Gateway:
                 elif item.text or item.token_ids:
                     produced += max(1, len(item.token_ids))
                     if ttft is None:
-                        ttft = time.perf_counter() - started
+                        ttft = time.perf_counter() - call.started
                 yield event
                 try:
                     event = await anext(merged)
