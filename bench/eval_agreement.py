@@ -6,7 +6,8 @@ files that are its own gsm8k / mmlu / mbpp task configurations with `dataset_pat
 json` pointing at the project's fixtures, then compares every item:
 
 - gsm8k: prompt, generation, the strict-match and flexible-extract answers and scores;
-- mmlu: prompt, the four loglikelihoods (within --atol) and accuracy;
+- mmlu: prompt, the four loglikelihoods (within --atol) and accuracy, zero-shot
+  (lm-eval's default) and 5-shot (the first five dev items of the subject);
 - mbpp: prompt and generation (lm-eval's own scorer loads a hub module, so pass@1
   is checked against hand-verified programs in tests/evalsuite/test_sandbox.py).
 
@@ -103,14 +104,20 @@ def _jsonl(path: Path) -> list[dict]:
 
 def run_lm_eval(model_dir: str, include: Path, names: list[str], batch_size: int,
                 limit: int | None) -> dict:
+    """lm-eval's samples per task; `5shot:` + name for mmlu with 5 dev examples."""
     import lm_eval
+    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    results = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={model_dir}", tasks=names,
-        batch_size=batch_size, device="cpu", log_samples=True, limit=limit,
-        task_manager=TaskManager(include_path=str(include)))
-    return results["samples"]
+    lm = HFLM(pretrained=model_dir, batch_size=batch_size, device="cpu")
+    manager = TaskManager(include_path=str(include))
+    samples = lm_eval.simple_evaluate(model=lm, tasks=names, log_samples=True, limit=limit,
+                                      task_manager=manager)["samples"]
+    mmlu = [n for n in names if n.startswith("llmctl_mmlu_")]
+    five = lm_eval.simple_evaluate(model=lm, tasks=mmlu, num_fewshot=5, log_samples=True,
+                                   limit=limit, task_manager=manager)["samples"]
+    samples.update({f"5shot:{k}": v for k, v in five.items()})
+    return samples
 
 
 def run_llmctl(model_dir: str, batch_size: int, limit: int | None) -> dict:
@@ -123,13 +130,14 @@ def run_llmctl(model_dir: str, batch_size: int, limit: int | None) -> dict:
     db = Database(f"sqlite:///{tmp / 'eval.db'}")
     model = HFModel(model_dir, batch_size=batch_size, device="cpu")
     out = {}
-    for name, folder in (("gsm8k", "gsm8k"), ("mmlu", "mmlu"), ("mbpp", "mbpp")):
-        prepared = runner.prepare_task(name, TaskOptions(allow_code_execution=True,
-                                                                   limit=limit),
-                                       data.DataOptions(data=FIXTURES / folder))
+    for key, name, shots in (("gsm8k", "gsm8k", None), ("mmlu", "mmlu", None),
+                             ("mbpp", "mbpp", None), ("mmlu_5shot", "mmlu", 5)):
+        prepared = runner.prepare_task(
+            name, TaskOptions(allow_code_execution=True, limit=limit, num_fewshot=shots),
+            data.DataOptions(data=FIXTURES / name))
         result = runner.run_eval(prepared, model, db, model_identity={"dir": model_dir},
                                  resume=False)
-        out[name] = result.samples
+        out[key] = result.samples
     return out
 
 
@@ -157,29 +165,8 @@ def compare(lm: dict, ours: dict, atol: float) -> dict:
             if float(t["exact_match"]) != sample.scores[f"exact_match,{flt}"]:
                 problems.append(f"gsm8k {sample.index} {flt}: score differs")
     report["gsm8k"] = {"items": n, "problems": problems}
-    # mmlu: one lm-eval task per subject; doc ids count within the subject.
-    problems, n, max_diff = [], 0, 0.0
-    position: dict[str, int] = {}
-    for sample in ours["mmlu"]:
-        subject = sample.extra["subject"]
-        k = position.get(subject, 0)
-        position[subject] = k + 1
-        theirs = next(s for s in lm[f"llmctl_mmlu_{subject}"] if s["doc_id"] == k)
-        n += 1
-        args = theirs["arguments"]
-        if args[0][0] != sample.prompt:
-            problems.append(f"mmlu {subject}/{k}: prompt differs")
-        conts = [a[1] for a in args]
-        if conts != [" A", " B", " C", " D"]:
-            problems.append(f"mmlu {subject}/{k}: continuations {conts}")
-        lls = [float(r[0][0]) for r in theirs["resps"]]
-        diff = max(abs(a - b) for a, b in zip(lls, sample.extra["loglikelihoods"], strict=True))
-        max_diff = max(max_diff, diff)
-        if diff > atol:
-            problems.append(f"mmlu {subject}/{k}: loglikelihoods differ by {diff:.2e}")
-        if float(theirs["acc"]) != sample.scores["acc"]:
-            problems.append(f"mmlu {subject}/{k}: acc {theirs['acc']} vs {sample.scores['acc']}")
-    report["mmlu"] = {"items": n, "problems": problems, "max_abs_ll_diff": max_diff}
+    for key, prefix in (("mmlu", ""), ("mmlu_5shot", "5shot:")):
+        report[key] = _compare_mmlu(lm, ours[key], prefix, atol)
     # mbpp: prompts and generations.
     problems, n = [], 0
     rows = {s["doc_id"]: s for s in lm["llmctl_mbpp"]}
@@ -192,6 +179,33 @@ def compare(lm: dict, ours: dict, atol: float) -> dict:
             problems.append(f"mbpp {sample.index}: generation differs")
     report["mbpp"] = {"items": n, "problems": problems}
     return report
+
+
+def _compare_mmlu(lm: dict, ours: list, prefix: str, atol: float) -> dict:
+    """mmlu: one lm-eval task per subject; doc ids count within the subject."""
+    problems, n, max_diff = [], 0, 0.0
+    position: dict[str, int] = {}
+    for sample in ours:
+        subject = sample.extra["subject"]
+        k = position.get(subject, 0)
+        position[subject] = k + 1
+        theirs = next(s for s in lm[f"{prefix}llmctl_mmlu_{subject}"] if s["doc_id"] == k)
+        n += 1
+        args = theirs["arguments"]
+        if args[0][0] != sample.prompt:
+            problems.append(f"{prefix}mmlu {subject}/{k}: prompt differs")
+        conts = [a[1] for a in args]
+        if conts != [" A", " B", " C", " D"]:
+            problems.append(f"{prefix}mmlu {subject}/{k}: continuations {conts}")
+        lls = [float(r[0][0]) for r in theirs["resps"]]
+        diff = max(abs(a - b) for a, b in zip(lls, sample.extra["loglikelihoods"], strict=True))
+        max_diff = max(max_diff, diff)
+        if diff > atol:
+            problems.append(f"{prefix}mmlu {subject}/{k}: loglikelihoods differ by {diff:.2e}")
+        if float(theirs["acc"]) != sample.scores["acc"]:
+            problems.append(f"{prefix}mmlu {subject}/{k}: acc {theirs['acc']} vs "
+                            f"{sample.scores['acc']}")
+    return {"items": n, "problems": problems, "max_abs_ll_diff": max_diff}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        for task in ("gsm8k", "mmlu", "mbpp"):
+        for task in ("gsm8k", "mmlu", "mmlu_5shot", "mbpp"):
             r = report[task]
             extra = (f", max |Δ loglikelihood| {r['max_abs_ll_diff']:.2e}"
                      if "max_abs_ll_diff" in r else "")

@@ -32,6 +32,15 @@ from evalsuite.tasks.base import Request
 from server.errors import ConfigError
 
 DEFAULT_MAX_LENGTH = 2048
+MIN_SHARED_PREFIX = 32  # tokens; shorter shared prefixes are not worth a separate pass
+
+
+def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 def _resolve_device(device: str | None) -> str:
@@ -50,7 +59,7 @@ class HFModel(EvalModel):
     def __init__(self, source: str, *, name: str | None = None, revision: str | None = None,
                  device: str | None = "auto", dtype: str = "auto",
                  max_length: int | None = None, batch_size: int = 8,
-                 threads: int | None = None):
+                 threads: int | None = None, share_prefix: bool = True):
         import torch
         import transformers
 
@@ -74,7 +83,15 @@ class HFModel(EvalModel):
         self._configure_pad_token()
         self._torch = torch
         self._max_length = max_length or self._config_max_length()
-        self._keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        params = inspect.signature(self.model.forward).parameters
+        self._keep = "logits_to_keep" in params
+        # Reusing a shared prefix's key/value cache: decoder-only models with the
+        # standard cache; checked against a full forward pass on first use.
+        # transformers 5.x names the argument `cache` (`past_key_values` before).
+        self._cache_arg = next((a for a in ("cache", "past_key_values") if a in params), None)
+        self._share_prefix = bool(share_prefix and self._cache_arg) and \
+            not getattr(self.model.config, "is_encoder_decoder", False)
+        self._prefix_checked = False
 
     # --- tokenisation (lm-eval TemplateLM / HFLM) ------------------------------------
 
@@ -140,14 +157,77 @@ class HFModel(EvalModel):
             if not cont:
                 raise ConfigError(f"request {i}: the continuation encodes to no tokens")
             groups[tuple(ctx + cont[:-1])].append((i, cont))
-        keys = sorted(groups, key=lambda k: (-(len(k) + 1), k))
-        for start in range(0, len(keys), self.batch_size):
-            batch = keys[start:start + self.batch_size]
-            yield self._score_batch(batch, [groups[k] for k in batch])
+        for prefix_len, keys in self._clusters(groups):
+            keys = sorted(keys, key=lambda k: (-(len(k) + 1), k))
+            prefix = self._prefix_cache(keys[0][:prefix_len]) if prefix_len else None
+            if prefix and not self._prefix_checked:
+                prefix = self._check_prefix(keys[0], groups[keys[0]], prefix)
+            for start in range(0, len(keys), self.batch_size):
+                batch = keys[start:start + self.batch_size]
+                yield self._score_batch(batch, [groups[k] for k in batch], prefix)
 
-    def _score_batch(self, keys, members) -> list[tuple[int, LLResult]]:
+    def _clusters(self, groups) -> Iterator[tuple[int, list[tuple[int, ...]]]]:
+        """Inputs that share a long token prefix (a few-shot block, a subject's
+        description) and the prefix length to compute once for them; 0 = no sharing."""
+        if not self._share_prefix:
+            yield 0, list(groups)
+            return
+        keys = sorted(groups)
+        cluster: list[tuple[int, ...]] = []
+        shared = 0
+
+        def close():
+            if len(cluster) < 2 or shared < MIN_SHARED_PREFIX:
+                return 0, list(cluster)
+            # Every scored position must lie past the prefix, and inputs are not truncated.
+            cap = min(len(k) - max(len(c) for _, c in groups[k]) for k in cluster)
+            n = min(shared, cap)
+            fits = all(len(k) <= self.max_length for k in cluster)
+            return (n if n >= MIN_SHARED_PREFIX and fits else 0), list(cluster)
+
+        for key in keys:
+            if cluster:
+                lcp = _common_prefix(cluster[-1], key)
+                if lcp < max(MIN_SHARED_PREFIX, shared // 2 if len(cluster) > 1 else 0):
+                    yield close()
+                    cluster, shared = [], 0
+                else:
+                    shared = lcp if len(cluster) == 1 else min(shared, lcp)
+            cluster.append(key)
+        if cluster:
+            yield close()
+
+    def _check_prefix(self, key, members, prefix):
+        """The first time: the shared-prefix path must give what a full pass gives
+        (to float noise), else this model does without it."""
+        self._prefix_checked = True
+        shared = self._score_batch([key], [members], prefix)
+        full = self._score_batch([key], [members], None)
+        if all(abs(a[1][0] - b[1][0]) <= 1e-3 for a, b in zip(shared, full, strict=True)):
+            return prefix
+        self._share_prefix = False
+        return None
+
+    def _prefix_cache(self, prefix: tuple[int, ...]):
         torch = self._torch
-        inputs = [list(k)[-self.max_length:] for k in keys]
+        ids = torch.tensor([list(prefix)], dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            out = self.model(ids, use_cache=True, logits_to_keep=1)
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        layers = cache.layers
+        return len(prefix), [(layer.keys, layer.values) for layer in layers]
+
+    def _expand(self, prefix, rows: int):
+        from transformers import DynamicCache
+
+        _, kv = prefix
+        return DynamicCache(ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1))
+                                            for k, v in kv], config=self.model.config)
+
+    def _score_batch(self, keys, members, prefix=None) -> list[tuple[int, LLResult]]:
+        torch = self._torch
+        skip = prefix[0] if prefix else 0
+        inputs = [list(k)[-self.max_length:][skip:] for k in keys]
         width = max(len(x) for x in inputs)
         ids = torch.zeros((len(inputs), width), dtype=torch.long)
         for row, x in enumerate(inputs):
@@ -158,7 +238,8 @@ class HFModel(EvalModel):
             longest = max(len(cont) for _, cont in group)
             spans.append((len(x) - longest, len(x)))
         with torch.inference_mode():
-            logprobs = self._logprobs(ids.to(self.device), spans)
+            cache = self._expand(prefix, len(inputs)) if prefix else None
+            logprobs = self._logprobs(ids.to(self.device), spans, cache)
         results = []
         for (lo, hi), group, lp in zip(spans, members, logprobs, strict=True):
             greedy = lp.argmax(-1)
@@ -170,21 +251,22 @@ class HFModel(EvalModel):
                 results.append((index, (float(ll), bool((greedy[hi - lo - n:] == target).all()))))
         return results
 
-    def _logprobs(self, ids, spans) -> list:
+    def _logprobs(self, ids, spans, cache=None) -> list:
         """Log-softmax rows at each span's positions (a list of [len, vocab] tensors)."""
         torch = self._torch
+        extra = {self._cache_arg: cache, "use_cache": True} if cache is not None else {}
         if self._keep:
             # Only the union of scored positions goes through the LM head.
             positions = sorted({p for lo, hi in spans for p in range(lo, hi)})
             where = {p: j for j, p in enumerate(positions)}
-            logits = self.model(ids, logits_to_keep=torch.tensor(positions,
-                                                                 device=ids.device)).logits
+            logits = self.model(ids, logits_to_keep=torch.tensor(positions, device=ids.device),
+                                **extra).logits
             out = []
             for row, (lo, hi) in enumerate(spans):
                 cols = torch.tensor([where[p] for p in range(lo, hi)], device=ids.device)
                 out.append(torch.log_softmax(logits[row, cols].float(), dim=-1))
             return out
-        logits = self.model(ids).logits
+        logits = self.model(ids, **extra).logits
         return [torch.log_softmax(logits[row, lo:hi].float(), dim=-1)
                 for row, (lo, hi) in enumerate(spans)]
 

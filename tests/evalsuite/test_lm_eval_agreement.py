@@ -1,5 +1,5 @@
 """Per-item agreement with lm-evaluation-harness (bench/eval_agreement.py): gsm8k and
-mmlu prompts, answers and scores; mbpp prompts and generations."""
+mmlu (0- and 5-shot) prompts, answers and scores; mbpp prompts and generations."""
 
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ def test_items_agree_with_lm_eval(tiny_model_dir, tmp_path):
         cwd=tmp_path)
     assert result.returncode in (0, 1), result.stderr[-3000:]
     report = json.loads(result.stdout)
-    for task in ("gsm8k", "mmlu", "mbpp"):
+    for task in ("gsm8k", "mmlu", "mmlu_5shot", "mbpp"):
         assert report[task]["problems"] == [], report[task]
     assert report["gsm8k"]["items"] == 3 and report["mbpp"]["items"] == 3
-    assert report["mmlu"]["items"] == 12  # 3 per subject, 4 subjects
-    assert report["mmlu"]["max_abs_ll_diff"] < 1e-4
+    for task in ("mmlu", "mmlu_5shot"):  # 3 per subject, 4 subjects
+        assert report[task]["items"] == 12
+        assert report[task]["max_abs_ll_diff"] < 1e-4
     assert report["agree"] and result.returncode == 0

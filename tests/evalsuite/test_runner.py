@@ -142,3 +142,21 @@ def test_fewshot_data_file_and_split_override(fixtures):
     prepared = runner.prepare_task("gsm8k", TaskOptions(num_fewshot=0),
                                    data.DataOptions(data=fixtures / "gsm8k", split="train"))
     assert len(prepared.docs) == 12
+
+
+def test_shared_prefix_gives_the_full_pass_results(fixtures, tiny_model_dir):
+    """Few-shot prompts reuse their common prefix's key/value cache: same scores."""
+    shared = HFModel(tiny_model_dir, batch_size=3, device="cpu")
+    plain = HFModel(tiny_model_dir, batch_size=3, device="cpu", share_prefix=False)
+    prepared = runner.prepare_task("mmlu", TaskOptions(num_fewshot=5),
+                                   data.DataOptions(data=fixtures / "mmlu"))
+    items = prepared.task.build_items(prepared.docs, prepared.dataset.fewshot)
+    requests = [r for item in items for r in item.requests]
+    clusters = list(shared._clusters({tuple(shared.tok_encode(r.context)): [(0, [1])]
+                                      for r in requests}))
+    assert all(prefix > 100 for prefix, _ in clusters) and len(clusters) == 4
+    a = dict(x for batch in shared.loglikelihood(requests) for x in batch)
+    b = dict(x for batch in plain.loglikelihood(requests) for x in batch)
+    assert shared._share_prefix and shared._prefix_checked
+    for i in range(len(requests)):
+        assert a[i][0] == pytest.approx(b[i][0], abs=1e-4) and a[i][1] == b[i][1]
