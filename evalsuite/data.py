@@ -171,6 +171,14 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def hub_offline(source: str) -> bool:
+    """True when `source` names a hub repo (not a local directory) and the hub cannot be
+    reached: loaders should then use the local cache only, instead of retrying."""
+    if Path(source).expanduser().exists():
+        return False
+    return _offline_env() or not _hub_reachable()
+
+
 def _offline_env() -> bool:
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
                for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))

@@ -71,7 +71,11 @@ class HFModel(EvalModel):
         self.device = _resolve_device(device)
         if threads:
             torch.set_num_threads(threads)
+        from evalsuite.data import hub_offline
+
         kwargs = {"revision": revision} if revision else {}
+        if hub_offline(source):
+            kwargs["local_files_only"] = True  # the hub is out of reach: the cache or nothing
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
             self.model = transformers.AutoModelForCausalLM.from_pretrained(

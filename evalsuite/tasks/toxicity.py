@@ -39,9 +39,12 @@ class ToxicityClassifier:
         if source.startswith(("/", ".", "~")) and not Path(source).expanduser().is_dir():
             raise InvalidRequest(f"toxicity classifier {source}: no such directory",
                                  param="classifier")
+        from evalsuite.data import hub_offline
+
+        cached = {"local_files_only": True} if hub_offline(source) else {}
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(source)
-            self.model = AutoModelForSequenceClassification.from_pretrained(source)
+            self.tokenizer = AutoTokenizer.from_pretrained(source, **cached)
+            self.model = AutoModelForSequenceClassification.from_pretrained(source, **cached)
         except OSError as exc:
             raise InvalidRequest(
                 f"toxicity classifier {source!r} could not be loaded "
