@@ -113,3 +113,19 @@ async def test_leaving_the_block_without_a_value_hands_over(cache):
         await asyncio.sleep(0.02)
     value, layer = await waiter
     assert layer is None and engine.calls == 1
+
+
+async def test_lookup_counts_hits_only(cache):
+    from prometheus_client import REGISTRY
+
+    def sample(layer, result):
+        return REGISTRY.get_sample_value("llmctl_cache_requests_total",
+                                         {"layer": layer, "result": result}) or 0
+
+    k = ck(cache, "lookup")
+    misses, hits = sample("db", "miss"), sample("db", "hit")
+    assert await cache.lookup(k) == (None, None)
+    assert sample("db", "miss") == misses  # the flight that follows counts the miss
+    await cache.put(k, VALUE)
+    assert await cache.lookup(k) == (VALUE, "db")
+    assert sample("db", "hit") == hits + 1
