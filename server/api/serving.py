@@ -232,12 +232,35 @@ class Gateway:
         choices = await asyncio.gather(*(call.engine.generate(r) for r in call.requests))
         return Outcome(call.id, call.created, list(choices), "miss", {}).cache_value()
 
+    async def _cached(self, call: Call, cache_key) -> dict | None:
+        """A plain lookup before admission: the hit path holds no quota and writes
+        nothing to the database."""
+        if cache_key is None or not call.policy.lookup:
+            return None
+        value, _layer = await self.cache.lookup(cache_key)
+        return value
+
+    async def _admit_hit(self, key: KeyInfo, call: Call):
+        """A hit counts as a request for rate limits; it reserves tokens and quota only
+        when hits are charged (LLMCTL_CACHE_HITS_CHARGE_QUOTA)."""
+        if self.limiter is None:
+            return None
+        charge = self.settings.cache_hits_charge_quota
+        return await self.limiter.admit(key, reserve_tokens=call.reserve_tokens if charge else 0,
+                                        hold_quota=charge)
+
     async def run(self, key: KeyInfo, record: RequestRecord | None, call: Call) -> Outcome:
         """A non-streaming call."""
-        admission = await self._admit(key, call)
+        cache_key = self._cache_key(key, call)
+        hit = await self._cached(call, cache_key)
+        admission = await (self._admit_hit(key, call) if hit is not None
+                           else self._admit(key, call))
         charged = 0
         try:
-            value, status = await self._cached_or_generated(call, self._cache_key(key, call))
+            if hit is not None:
+                value, status = hit, "hit"
+            else:
+                value, status = await self._cached_or_generated(call, cache_key)
             outcome = Outcome(value["id"], value["created"],
                               [completion_from_dict(c) for c in value["choices"]], status,
                               dict(admission.headers) if admission else {})
@@ -253,11 +276,19 @@ class Gateway:
         """A streaming call: (headers, cache status, events). Errors that can refuse the
         request (limits, a full queue) are raised here, before the response starts.
         Events are (choice index, StreamDelta | Completion)."""
+        cache_key = self._cache_key(key, call)
+        hit = await self._cached(call, cache_key)
+        if hit is not None:
+            admission = await self._admit_hit(key, call)
+            headers = dict(admission.headers) if admission else {}
+            outcome = Outcome(hit["id"], hit["created"],
+                              [completion_from_dict(c) for c in hit["choices"]], "hit", headers)
+            call.id, call.created = outcome.id, outcome.created
+            return headers, "hit", self._replay(record, call, outcome, admission)
         admission = await self._admit(key, call)
         headers = dict(admission.headers) if admission else {}
         flight = None
         try:
-            cache_key = self._cache_key(key, call)
             status = "bypass"
             if cache_key is not None and call.policy.lookup:
                 # A hit, or a wait for an identical request in flight, is replayed as a

@@ -15,7 +15,7 @@ import secrets
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select
+from sqlalchemy import bindparam, or_, select
 from sqlalchemy.exc import IntegrityError
 
 from server.db.tables import ApiKey, utcnow
@@ -221,19 +221,24 @@ def rotate_key(db, ref: str | int) -> CreatedKey:
         return CreatedKey(key=KeyInfo.from_row(row), secret=secret)
 
 
+_BY_HASH = select(ApiKey.__table__).where(ApiKey.key_hash == bindparam("h"))
+
+
 def verify_key(db, secret: str | None) -> KeyInfo:
     """The active key for a presented secret, or AuthenticationError."""
     if not secret:
         raise AuthenticationError(
             "no API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
     digest = hash_secret(secret)
-    with db.session() as s:
-        row = s.scalars(select(ApiKey).where(ApiKey.key_hash == digest)).first()
-        # The lookup is by hash; compare again in constant time so timing says
-        # nothing about how much of a guess matched.
-        if row is None or not hmac.compare_digest(row.key_hash, digest):
-            raise AuthenticationError("invalid API key")
-        info = KeyInfo.from_row(row)
+    # Core, not an ORM session: this runs on every request (the cache-hit path).
+    db.ensure_schema()
+    with db.engine.connect() as conn:
+        row = conn.execute(_BY_HASH, {"h": digest}).first()
+    # The lookup is by hash; compare again in constant time so timing says
+    # nothing about how much of a guess matched.
+    if row is None or not hmac.compare_digest(row.key_hash, digest):
+        raise AuthenticationError("invalid API key")
+    info = KeyInfo.from_row(row)
     if info.state == "revoked":
         raise AuthenticationError("this API key has been revoked", code="key_revoked")
     if info.state == "expired":

@@ -315,10 +315,12 @@ class Limiter:
 
     # ----- admission
 
-    async def admit(self, key: KeyInfo, reserve_tokens: int) -> Admission:
+    async def admit(self, key: KeyInfo, reserve_tokens: int, *,
+                    hold_quota: bool = True) -> Admission:
+        """`hold_quota=False`: rate limits only (a cache hit that is not charged)."""
         limits = effective_limits(self.settings, key)
         rpm, tpm, conc = limits["rpm"], limits["tpm"], limits["max_concurrency"]
-        quota = limits["monthly_token_quota"]
+        quota = limits["monthly_token_quota"] if hold_quota else 0
         reserve = max(0, int(reserve_tokens))
         member = uuid.uuid4().hex
         month = current_month()

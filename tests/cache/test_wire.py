@@ -366,3 +366,23 @@ async def test_purge_and_clear_take_effect_on_a_running_gateway(gw):
     assert cache_svc.clear(gw.state.db, model="other")["deleted"] == 0
     assert cache_svc.clear(gw.state.db, model="tiny")["deleted"] == 1
     assert (await gw.post("completions")).headers["x-llmctl-cache"] == "miss"
+
+
+@pytest.mark.parametrize("charge", [False, True], ids=["hits-free", "hits-charged"])
+async def test_hits_and_limits(make_gateway, charge):
+    """A hit always counts as a request for rate limits; it holds and consumes quota only
+    when LLMCTL_CACHE_HITS_CHARGE_QUOTA is set."""
+    gw = await make_gateway(cache_hits_charge_quota=charge)
+    assert (await gw.post("completions")).headers["x-llmctl-cache"] == "miss"
+    db = gw.state.db
+    spent = keys.create_key(db, name="spent", monthly_token_quota=1).secret
+    hit = await gw.post("completions", secret=spent)
+    if charge:
+        assert hit.status_code == 429 and hit.json()["error"]["code"] == "insufficient_quota"
+    else:
+        assert hit.status_code == 200 and hit.headers["x-llmctl-cache"] == "hit"
+    limited = keys.create_key(db, name="limited", rpm=1).secret
+    assert (await gw.post("completions", secret=limited)).status_code == 200
+    again = await gw.post("completions", secret=limited)
+    assert again.status_code == 429 and again.json()["error"]["code"] == "rate_limit_exceeded"
+    assert gw.calls == 1
