@@ -32,19 +32,22 @@ from server.engines.base import Completion, EngineRequest, SamplingParams  # noq
 from server.engines.local import LocalEngine  # noqa: E402
 
 
-def sequential_generate(model_dir: str, prompts: list[str], gen_len: int) -> float:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class Generate:
+    """Plain transformers `generate`, one prompt at a time: the baseline."""
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    with torch.inference_mode():
-        model.generate(**tok(prompts[0], return_tensors="pt"), max_new_tokens=4)  # warm-up
-        tokens, started = 0, time.perf_counter()
-        for p in prompts:
-            ids = tok(p, return_tensors="pt")
-            out = model.generate(**ids, do_sample=False, max_new_tokens=gen_len)
-            tokens += out.shape[1] - ids["input_ids"].shape[1]
-    return tokens / (time.perf_counter() - started)
+    def __init__(self, model_dir: str):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.run("warm up", 4)
+
+    def run(self, prompt: str, gen_len: int) -> tuple[int, float]:
+        ids = self.tok(prompt, return_tensors="pt")
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(**ids, do_sample=False, max_new_tokens=gen_len)
+        return out.shape[1] - ids["input_ids"].shape[1], time.perf_counter() - started
 
 
 async def engine_level(engine: LocalEngine, prompts: list[str], gen_len: int,
@@ -66,23 +69,42 @@ async def engine_level(engine: LocalEngine, prompts: list[str], gen_len: int,
                     tokens += item.completion_tokens
             ttfts.append(first)
 
+    before = engine.stats.snapshot()
     started = time.perf_counter()
     await asyncio.gather(*(one(p) for p in prompts))
     wall = time.perf_counter() - started
+    after = engine.stats.snapshot()
+    delta = {k: after[k] - before[k] for k in ("prefill_s", "decode_s", "prefill_chunks",
+                                               "decode_steps")}
     return {"concurrency": concurrency, "requests": len(prompts), "tokens": tokens,
-            "tok_s": tokens / wall, "ttft_p50_ms": 1000 * statistics.median(ttfts)}
+            "tok_s": tokens / wall, "ttft_p50_ms": 1000 * statistics.median(ttfts),
+            "wall_s": wall, **delta}
 
 
-async def run_engine(model_dir: str, sets: list[list[str]], gen_len: int,
-                     levels: list[int]) -> list[dict]:
-    engine = LocalEngine(ModelSpec(id="small", path=model_dir, device="cpu", max_batch_size=max(
-        levels), max_queue=1024), Settings(model_device="cpu"))
+async def run(model_dir: str, one: list[str], many: list[str], gen_len: int,
+              concurrency: int) -> tuple[float, list[dict]]:
+    """Sequential generate and the engine at 1 alternate request by request (so that a
+    busy neighbour on the CPU hurts both alike), then the engine at `concurrency`."""
+    baseline = Generate(model_dir)
+    engine = LocalEngine(ModelSpec(id="small", path=model_dir, device="cpu",
+                                   max_batch_size=concurrency, max_queue=1024),
+                         Settings(model_device="cpu"))
     await engine.start()
     await engine.generate(EngineRequest(SamplingParams(max_new_tokens=4, temperature=0),
                                         prompt="warm up"))
     try:
-        return [await engine_level(engine, prompts, gen_len, c)
-                for prompts, c in zip(sets, levels, strict=True)]
+        gen_tokens = gen_s = 0.0
+        single = []
+        for p in one:
+            n, seconds = baseline.run(p, gen_len)
+            gen_tokens, gen_s = gen_tokens + n, gen_s + seconds
+            single.append(await engine_level(engine, [p], gen_len, 1))
+        level1 = {k: sum(r[k] for r in single) for k in single[0] if k not in (
+            "concurrency", "tok_s", "ttft_p50_ms")}
+        level1.update(concurrency=1, tok_s=level1["tokens"] / level1["wall_s"],
+                      ttft_p50_ms=statistics.median(r["ttft_p50_ms"] for r in single))
+        levels = [level1, await engine_level(engine, many, gen_len, concurrency)]
+        return gen_tokens / gen_s, levels
     finally:
         await engine.close()
 
@@ -93,7 +115,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--gen-len", type=int, default=64)
     ap.add_argument("--requests", type=int, default=32, help="per concurrent level")
-    ap.add_argument("--sequential", type=int, default=4, help="requests at 1 (both sides)")
+    ap.add_argument("--sequential", type=int, default=6, help="requests at 1 (both sides)")
     ap.add_argument("--concurrency", type=int, default=16)
     args = ap.parse_args()
 
@@ -108,14 +130,15 @@ def main() -> None:
     one = make_prompts(args.sequential, args.prompt_len, seed=0, salt="one", tokenizer=tok)
     many = make_prompts(args.requests, args.prompt_len, seed=0, salt="many", tokenizer=tok)
 
-    seq = sequential_generate(model_dir, one, args.gen_len)
+    seq, levels = asyncio.run(run(model_dir, one, many, args.gen_len, args.concurrency))
     print(f"sequential generate        : {seq:7.1f} tok/s")
-    levels = asyncio.run(run_engine(model_dir, [one, many], args.gen_len,
-                                    [1, args.concurrency]))
     for lv in levels:
         print(f"engine @ {lv['concurrency']:>2} concurrent      : {lv['tok_s']:7.1f} tok/s "
               f"({lv['tok_s'] / seq:4.2f}x generate), TTFT p50 {lv['ttft_p50_ms']:6.1f} ms, "
               f"{lv['tokens']} tokens / {lv['requests']} requests")
+        print(f"    wall {lv['wall_s']:.2f}s: {lv['prefill_chunks']} prefill chunks "
+              f"{lv['prefill_s']:.2f}s, {lv['decode_steps']} decode steps {lv['decode_s']:.2f}s "
+              f"({1000 * lv['decode_s'] / max(1, lv['decode_steps']):.1f} ms/step)")
     print(f"TTFT p50 ratio {args.concurrency} vs 1: "
           f"{levels[1]['ttft_p50_ms'] / levels[0]['ttft_p50_ms']:.2f}x")
 

@@ -56,15 +56,17 @@ class LocalEngine(ModelEngine):
     """
 
     def __init__(self, spec: ModelSpec, settings: Settings | None = None, *,
+                 prefill_group_tokens: int | None = None,
                  prefill_chunk_tokens: int | None = None,
                  idle_prefill_tokens: int | None = None,
                  on_queue_time: Callable[[float], None] | None = None):
         self.spec = spec
         self.settings = settings if settings is not None else Settings()
         self.model_id = spec.name or spec.id
-        # prompt tokens (rows x columns) run per loop iteration while other requests
-        # decode (bounds how long a newcomer's prefill stalls them) and while none do;
-        # None picks by device (see Scheduler)
+        # prefill budgets in prompt tokens, None picks by device (see Scheduler): how
+        # many newcomers' prompts one group takes, and how much of a group runs per loop
+        # iteration while other requests decode (bounds their stall) and while none do
+        self.prefill_group_tokens = prefill_group_tokens
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.idle_prefill_tokens = idle_prefill_tokens
         self._on_queue_time = on_queue_time
@@ -114,13 +116,15 @@ class LocalEngine(ModelEngine):
             if self.spec.max_context is None:
                 self._context = _model_context(model.config, self.tokenizer)
             cpu = device.type == "cpu"
-            chunk = self.prefill_chunk_tokens or (64 if cpu else 2048)
+            group = self.prefill_group_tokens or (32 if cpu else 4096)
+            chunk = self.prefill_chunk_tokens or (256 if cpu else 4096)
             idle = self.idle_prefill_tokens or max(chunk, 1024 if cpu else 16384)
             self._scheduler = Scheduler(
                 model, loop_tokenizer, device=device,
                 max_batch_size=self.spec.max_batch_size, max_queue=self.spec.max_queue,
                 eos_ids=_eos_ids(model, self.tokenizer), pad_id=_pad_id(self.tokenizer),
-                prefill_chunk_tokens=chunk, idle_prefill_tokens=idle,
+                prefill_group_tokens=group, prefill_chunk_tokens=chunk,
+                idle_prefill_tokens=idle,
                 on_queue_time=self._on_queue_time, name=self.model_id,
             )
             self._scheduler.start()
@@ -185,6 +189,11 @@ class LocalEngine(ModelEngine):
         chat template) or a piece of output, pass `add_special_tokens=False`."""
         tok = self._ensure_tokenizer()
         with self._tok_lock:
+            # The Rust tokenizer's single encode: `tok(text)` goes through encode_batch,
+            # whose thread-pool hop costs ~1 ms of wall time on a busy 2-core machine.
+            backend = getattr(tok, "_tokenizer", None)
+            if backend is not None:
+                return len(backend.encode(text, add_special_tokens=add_special_tokens).ids)
             return len(tok(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def render_chat(self, messages: list[dict]) -> str | None:

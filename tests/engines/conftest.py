@@ -32,12 +32,14 @@ def reference(engine_model_dir):
     return model, AutoTokenizer.from_pretrained(engine_model_dir)
 
 
-def make_engine(model_dir: str, *, prefill_chunk_tokens: int | None = None,
+def make_engine(model_dir: str, *, prefill_group_tokens: int | None = None,
+                prefill_chunk_tokens: int | None = None,
                 idle_prefill_tokens: int | None = None, on_queue_time=None,
                 **spec) -> LocalEngine:
     spec = ModelSpec(id="test/tiny", name=spec.pop("name", "tiny"), path=model_dir,
                      device="cpu", **spec)
     return LocalEngine(spec, Settings(model_device="cpu"),
+                       prefill_group_tokens=prefill_group_tokens,
                        prefill_chunk_tokens=prefill_chunk_tokens,
                        idle_prefill_tokens=idle_prefill_tokens, on_queue_time=on_queue_time)
 

@@ -90,7 +90,7 @@ async def test_short_request_is_not_held_back_by_a_long_one(engine):
 async def test_chunked_prefill_does_not_stall_running_decodes(engine_model_dir, reference):
     """A long newcomer is prefilled a chunk per step while the running request keeps
     getting one token every step; both still equal generate's output."""
-    eng = make_engine(engine_model_dir, prefill_chunk_tokens=16)
+    eng = make_engine(engine_model_dir, prefill_chunk_tokens=16, idle_prefill_tokens=16)
     try:
         long_prompt = prompts(40)[39]  # ~150 tokens: about ten chunks of 16
         _, tok = reference
@@ -115,7 +115,7 @@ async def test_chunked_prefill_does_not_stall_running_decodes(engine_model_dir, 
 
 
 async def test_burst_newcomers_are_prefilled_together(engine_model_dir):
-    eng = make_engine(engine_model_dir, prefill_chunk_tokens=4096)
+    eng = make_engine(engine_model_dir, prefill_group_tokens=4096)
     try:
         await eng.start()
         await asyncio.gather(*(eng.generate(request(p, greedy(4))) for p in prompts(16)))

@@ -168,7 +168,8 @@ async def test_echo_logprobs_equal_a_forward_pass(engine, reference):
 
 async def test_echo_logprobs_with_chunked_prefill(engine_model_dir, reference):
     _, tok = reference
-    eng = make_engine(engine_model_dir, prefill_chunk_tokens=8, idle_prefill_tokens=8)
+    eng = make_engine(engine_model_dir, prefill_group_tokens=4096, prefill_chunk_tokens=8,
+                      idle_prefill_tokens=8)
     try:
         texts = [prompts(8)[7], prompts(8)[2]]  # long enough for several chunks
         outs = await asyncio.gather(*(eng.generate(request(
