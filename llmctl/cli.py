@@ -12,7 +12,8 @@ import typer
 from typer.core import TyperGroup
 
 from llmctl import output
-from llmctl.commands import cache, db, keys, logs, models, quotas, serve, usage
+from llmctl.commands import bench, cache, db, keys, logs, models, quotas, serve, usage
+from llmctl.commands import eval as eval_cmd
 from server.errors import LlmctlError
 
 
@@ -38,8 +39,8 @@ app = typer.Typer(
 )
 app.command("serve")(serve.serve)
 app.command("usage")(usage.usage)
-for module, name in [(keys, "keys"), (models, "models"), (db, "db"), (cache, "cache"),
-                     (quotas, "quotas"), (logs, "logs")]:
+for module, name in [(keys, "keys"), (models, "models"), (db, "db"), (quotas, "quotas"),
+                     (logs, "logs"), (cache, "cache"), (bench, "bench"), (eval_cmd, "eval")]:
     app.add_typer(module.app, name=name)
 
 
