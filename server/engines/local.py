@@ -42,7 +42,7 @@ from server.config import ModelSpec, Settings
 from server.engines.base import Completion, EngineRequest, ModelEngine, SamplingParams, StreamDelta
 from server.engines.device import configure_threads, release_memory, resolve_device, resolve_dtype
 from server.engines.scheduler import EngineStats, Scheduler, Sequence, prompt_logprobs
-from server.errors import ConfigError, InvalidRequest, Overloaded
+from server.errors import ConfigError, InvalidRequest, Overloaded, Unavailable
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
 
@@ -266,10 +266,11 @@ class LocalEngine(ModelEngine):
         seq = await self._submit(request, stream=False)
         if isinstance(seq, Completion):
             return seq
+        scheduler = self._scheduler
         try:
             item = await seq.queue.get()
-        except asyncio.CancelledError:
-            self._scheduler.cancel(seq)
+        except asyncio.CancelledError:  # caller gone: the request leaves the batch
+            scheduler.cancel(seq)
             raise
         if isinstance(item, BaseException):
             raise item
@@ -308,7 +309,9 @@ class LocalEngine(ModelEngine):
                        loop=asyncio.get_running_loop())
         seq.prompt_text = text
         scheduler = self._scheduler
-        if scheduler is None or not scheduler.submit(seq):
+        if scheduler is None:
+            raise Unavailable(f"model {self.model_id} was closed")
+        if not scheduler.submit(seq):
             raise Overloaded(
                 f"model {self.model_id} is overloaded: {self.spec.max_batch_size} requests "
                 f"running and {self.spec.max_queue} queued at most; retry shortly",

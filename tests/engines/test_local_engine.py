@@ -300,3 +300,40 @@ async def test_stats_are_a_mapping(engine):
     for key in ("running", "waiting", "steps", "completed", "cancelled"):
         assert isinstance(stats[key], int)
     assert engine.queue_depth == stats["waiting"] and engine.batch_size == stats["running"]
+
+
+async def test_close_fails_requests_in_flight(engine_model_dir):
+    from server.errors import Unavailable
+
+    eng = make_engine(engine_model_dir)
+    await eng.start()
+    task = asyncio.create_task(eng.generate(request("hello", greedy(500))))
+    while eng.stats.running == 0:
+        await asyncio.sleep(0.002)
+    await eng.close()
+    with pytest.raises(Unavailable):
+        await task
+
+
+async def test_a_failed_step_fails_its_rows_and_the_engine_goes_on(engine_model_dir):
+    eng = make_engine(engine_model_dir)
+    try:
+        await eng.start()
+        scheduler = eng._scheduler
+        real = scheduler._forward
+        calls = {"n": 0}
+
+        def flaky(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("out of memory (simulated)")
+            return real(*args, **kwargs)
+
+        scheduler._forward = flaky
+        with pytest.raises(Exception, match="simulated"):
+            await eng.generate(request("hello", greedy(20)))
+        out = await eng.generate(request("hello", greedy(5)))
+        assert out.completion_tokens == 5 and eng.stats["failed"] == 1
+        assert (await eng.health())[0] and eng.stats.running == 0
+    finally:
+        await eng.close()
