@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import math
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -101,7 +102,7 @@ class LocalEngine(ModelEngine):
 
             device = resolve_device(self.spec.device or self.settings.model_device)
             dtype = resolve_dtype(self.spec.dtype, device)
-            configure_threads(self.settings.torch_threads)
+            configure_threads(self.settings.torch_threads, device)
             self._ensure_tokenizer()
             loop_tokenizer = self._load_tokenizer()
             try:
@@ -128,6 +129,7 @@ class LocalEngine(ModelEngine):
                 on_queue_time=self._on_queue_time, name=self.model_id,
             )
             self._scheduler.start()
+            _freeze_gc()
 
     async def close(self) -> None:
         scheduler = self._scheduler
@@ -371,6 +373,15 @@ class LocalEngine(ModelEngine):
             prompt_logprobs=prompt_lps,
             ttft_s=seq.ttft_s,
         )
+
+
+def _freeze_gc() -> None:
+    """Move everything alive now (the model, tokenizers, transformers' modules: some
+    400k objects) out of the collector's reach. Otherwise each full collection walks
+    them all for ~0.25 s while holding the GIL, and the engine loop stalls with it;
+    vLLM does the same after start-up. Process-wide, and harmless to repeat."""
+    gc.collect()
+    gc.freeze()
 
 
 def _normalize(p: SamplingParams) -> SamplingParams:

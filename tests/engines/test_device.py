@@ -50,9 +50,20 @@ def test_dtype_rules(monkeypatch):
 def test_threads_from_settings():
     before = torch.get_num_threads()
     try:
-        dev.configure_threads(1)
-        assert torch.get_num_threads() == 1
-        dev.configure_threads(None)
-        assert torch.get_num_threads() == 1
+        assert dev.configure_threads(1) == 1 and torch.get_num_threads() == 1
+        assert dev.configure_threads(None) == 1  # nothing asked, no device: unchanged
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(("cores", "expected"), [(1, 1), (2, 1), (4, 3), (16, None)])
+def test_small_cpu_machines_leave_a_core_free(monkeypatch, cores, expected):
+    before = torch.get_num_threads()
+    monkeypatch.setattr(dev.os, "cpu_count", lambda: cores)
+    try:
+        got = dev.configure_threads(None, torch.device("cpu"))
+        assert got == (expected or before) and torch.get_num_threads() == got
+        assert dev.configure_threads(2, torch.device("cpu")) == 2  # settings win
+        assert dev.configure_threads(None, torch.device("cuda")) == 2  # GPU: unchanged
     finally:
         torch.set_num_threads(before)
