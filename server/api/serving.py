@@ -1,5 +1,5 @@
-"""The serving path, top to bottom: check model → admit (limits, quota) → cache →
-engine → settle and log.
+"""The serving path, top to bottom: check model → cache → admit (limits, quota) →
+engine → settle and log. A free cache hit is admitted for rate limits only.
 
 Routes translate their API's request into `prepare(...)` and render what `run` or
 `stream` return; everything they have in common lives here, once.
