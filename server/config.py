@@ -29,7 +29,9 @@ def _default_home() -> Path:
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="LLMCTL_", env_file=".env", extra="ignore", populate_by_name=True
+        env_prefix="LLMCTL_", env_file=".env", extra="ignore", populate_by_name=True,
+        # `.env.example` copied to `.env` as it is: an empty value means "the default".
+        env_ignore_empty=True,
     )
 
     # --- storage
@@ -52,8 +54,10 @@ class Settings(BaseSettings):
     log_flush_interval: float = 0.25
     log_batch_size: int = 500
     # --- redis
-    redis_enabled: bool = Field(
-        default=False, validation_alias=AliasChoices("LLMCTL_REDIS_ENABLED", "REDIS_ENABLED")
+    # Unset: Redis is on exactly when a URL is given. REDIS_ENABLED/REDIS_URL are the
+    # original design's names.
+    redis_enabled: bool | None = Field(
+        default=None, validation_alias=AliasChoices("LLMCTL_REDIS_ENABLED", "REDIS_ENABLED")
     )
     redis_url: str | None = Field(
         default=None, validation_alias=AliasChoices("LLMCTL_REDIS_URL", "REDIS_URL")
@@ -76,13 +80,13 @@ class Settings(BaseSettings):
 
     @property
     def redis_active_url(self) -> str | None:
-        """The Redis to use: LLMCTL_REDIS_URL alone enables it; REDIS_ENABLED keeps
-        the original default URL working."""
-        if self.redis_url and (self.redis_enabled or "LLMCTL_REDIS_URL" in os.environ):
+        """The Redis to use, or None: a URL enables it unless REDIS_ENABLED=false; with
+        REDIS_ENABLED=true and no URL, the local default."""
+        if self.redis_enabled is False:
+            return None
+        if self.redis_url:
             return self.redis_url
-        if self.redis_enabled:
-            return self.redis_url or "redis://localhost:6379/0"
-        return None
+        return "redis://localhost:6379/0" if self.redis_enabled else None
 
     @property
     def sqlalchemy_url(self) -> str:

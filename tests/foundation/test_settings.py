@@ -67,3 +67,24 @@ def test_models_list_reflects_yaml(cli, tmp_path):
             first["revision"]) == ("microsoft/phi-2", "phi-2", "cuda", "float16", 2048, "main")
     assert (second["type"], second["base_url"], second["api_key_env"], second["timeout"],
             second["name"]) == ("remote", "http://gpu-box:8000", "GPU_BOX_KEY", 30.0, "llama3")
+
+
+def test_env_example_as_dotenv_gives_the_defaults(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    for name in Settings.model_fields:
+        monkeypatch.delenv(f"LLMCTL_{name.upper()}", raising=False)
+    (tmp_path / ".env").write_text(ENV_EXAMPLE.read_text())
+    assert Settings() == Settings(_env_file=None)
+
+
+def test_redis_switches(monkeypatch):
+    for var in ("REDIS_URL", "REDIS_ENABLED", "LLMCTL_REDIS_URL", "LLMCTL_REDIS_ENABLED"):
+        monkeypatch.delenv(var, raising=False)
+    assert Settings(_env_file=None).redis_active_url is None
+    monkeypatch.setenv("LLMCTL_REDIS_URL", "redis://r:1/0")
+    assert Settings(_env_file=None).redis_active_url == "redis://r:1/0"
+    monkeypatch.setenv("REDIS_ENABLED", "false")
+    assert Settings(_env_file=None).redis_active_url is None
+    monkeypatch.delenv("LLMCTL_REDIS_URL")
+    monkeypatch.setenv("REDIS_ENABLED", "true")
+    assert Settings(_env_file=None).redis_active_url == "redis://localhost:6379/0"
