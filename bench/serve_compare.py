@@ -20,6 +20,11 @@ Every request asks for `--gen-len` (64) new tokens at temperature 0 with prompts
 of `--prompt-len` (32) tokens. The checks are the issue's: llmctl at 16 streams ≥ 5x
 (a) and above (c) at 16; llmctl at 1 stream ≥ 90% of (a); llmctl TTFT p50 at 16
 < 4x its TTFT p50 at 1.
+
+The machine is shared, so each measurement also records how much CPU other
+processes took meanwhile; above --max-other-cpu (10%) the run is not recorded.
+Exit status: 0 every check met, 1 a check missed, 3 disturbed by other processes.
+Raw figures go to bench/out/serve_compare.json.
 """
 
 from __future__ import annotations
@@ -70,6 +75,57 @@ def ensure_model(path: Path) -> Path:
     return path.resolve()
 
 
+# --------------------------------------------------------------------------- noise
+
+class CpuWatch:
+    """How much CPU other processes took while a system was being measured.
+
+    The machine is shared; a figure measured while something else was computing is
+    not a figure of the system. Busy time from /proc/stat minus the time of this
+    process and the server under test (with its descendants), as a share of all
+    cores over the wall time. Linux only; elsewhere it reports None.
+    """
+
+    def __init__(self, *pids: int):
+        self.pids = {os.getpid(), *pids}
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    @staticmethod
+    def _busy() -> int:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        return sum(values) - values[3] - values[4]  # all but idle and iowait
+
+    def _ours(self) -> int:
+        stats = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    rest = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                except (OSError, IndexError):
+                    continue
+                stats[int(entry.name)] = (int(rest[1]), int(rest[11]) + int(rest[12]))
+        ours, frontier = set(), set(self.pids)
+        while frontier:
+            ours |= frontier
+            frontier = {pid for pid, (ppid, _) in stats.items() if ppid in frontier} - ours
+        return sum(stats[pid][1] for pid in ours if pid in stats)
+
+    def __enter__(self) -> CpuWatch:
+        self.share = None
+        try:
+            self._start = (time.perf_counter(), self._busy(), self._ours())
+        except OSError:
+            self._start = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._start is None:
+            return
+        wall = time.perf_counter() - self._start[0]
+        other = (self._busy() - self._start[1]) - (self._ours() - self._start[2])
+        self.share = max(0.0, other / self.tick / max(wall, 1e-9) / (os.cpu_count() or 1))
+
+
 # --------------------------------------------------------------------------- (a)
 
 def run_generate(model_dir: Path, args) -> dict:
@@ -85,12 +141,13 @@ def run_generate(model_dir: Path, args) -> dict:
     with torch.inference_mode():
         model.generate(**encoded[0], max_new_tokens=4, do_sample=False)  # warm-up
         new_tokens, start = 0, time.perf_counter()
-        for inputs in encoded:
-            out = model.generate(**inputs, max_new_tokens=args.gen_len, do_sample=False)
-            new_tokens += out.shape[1] - inputs["input_ids"].shape[1]
+        with CpuWatch() as watch:
+            for inputs in encoded:
+                out = model.generate(**inputs, max_new_tokens=args.gen_len, do_sample=False)
+                new_tokens += out.shape[1] - inputs["input_ids"].shape[1]
         elapsed = time.perf_counter() - start
     return {"requests": len(prompts), "output_tokens": new_tokens, "duration_s": elapsed,
-            "output_throughput": new_tokens / elapsed,
+            "output_throughput": new_tokens / elapsed, "other_cpu_share": watch.share,
             "prompt_tokens_mean": sum(e["input_ids"].shape[1] for e in encoded) / len(encoded)}
 
 
@@ -133,14 +190,17 @@ class Server:
         self._log.close()
 
 
-def load(url: str, model: str, api_key: str | None, args, tag: str) -> dict:
+def load(url: str, model: str, api_key: str | None, args, tag: str, server: Server) -> dict:
     """The `bench serve` load generator at each level, prompts cut to exact token counts."""
     config = ServeConfig(url=url, model=model, api_key=api_key, concurrency=args.levels,
                          prompt_len=args.prompt_len, gen_len=args.gen_len, temperature=0.0,
                          seed=args.seed, min_prompts=args.min_prompts,
                          prompts_per_stream=args.prompts_per_stream, tokenizer=args.tokenizer)
     log(f"{tag}: load at {', '.join(map(str, args.levels))} concurrent streams")
-    return _run(ServeBench(config))
+    with CpuWatch(server.proc.pid) as watch:
+        result = _run(ServeBench(config))
+    result["other_cpu_share"] = watch.share
+    return result
 
 
 def _run(bench: ServeBench) -> dict:
@@ -154,8 +214,10 @@ def run_transformers(model_dir: Path, args, log_dir: Path) -> dict:
     argv = [str(BIN / "transformers"), "serve", str(model_dir), "--continuous-batching",
             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    with Server("transformers-serve", argv, f"http://127.0.0.1:{port}/health", env, log_dir):
-        result = load(f"http://127.0.0.1:{port}", str(model_dir), None, args, "transformers")
+    with Server("transformers-serve", argv, f"http://127.0.0.1:{port}/health", env,
+                log_dir) as server:
+        result = load(f"http://127.0.0.1:{port}", str(model_dir), None, args, "transformers",
+                      server)
     result["command"] = shlex.join(["transformers", *argv[1:]])
     return result
 
@@ -175,11 +237,12 @@ def run_llmctl(model_dir: Path, args, log_dir: Path) -> dict:
     llmctl = str(BIN / "llmctl")
     argv = [llmctl, "serve", "--config", str(config), "--port", str(port), "--preload",
             "--log-level", "warning"]
-    with Server("llmctl-serve", argv, f"http://127.0.0.1:{port}/healthz", env, log_dir):
+    with Server("llmctl-serve", argv, f"http://127.0.0.1:{port}/healthz", env,
+                log_dir) as server:
         created = subprocess.run([llmctl, "keys", "create", "--name", "bench", "--json"],
                                  env=env, capture_output=True, text=True, check=True)
         key = json.loads(created.stdout)["secret"]
-        result = load(f"http://127.0.0.1:{port}", "small", key, args, "llmctl")
+        result = load(f"http://127.0.0.1:{port}", "small", key, args, "llmctl", server)
     result["command"] = f"llmctl serve --config models.yaml --preload  # {config.read_text()!r}"
     return result
 
@@ -244,6 +307,10 @@ def _fmt(value, digits=1) -> str:
     return "–" if value is None else f"{value:,.{digits}f}"
 
 
+def _pct(share) -> str:
+    return "–" if share is None else f"{share:.0%}"
+
+
 def markdown(doc: dict) -> str:
     hi = max(doc["args"]["levels"])
     gen, gw, ts = (doc["results"].get(s) for s in SYSTEMS)
@@ -270,20 +337,20 @@ def markdown(doc: dict) -> str:
         "```",
         "",
         "| system | streams | output tok/s | TTFT p50 (ms) | TPOT p50 (ms) | E2E p50 (ms) "
-        "| requests ok / failed |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| requests ok / failed | other processes' CPU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     if gen:
         lines.append(f"| sequential `generate` | 1 | {_fmt(gen['output_throughput'])} | – | – | "
                      f"{_fmt(gen['duration_s'] / gen['requests'] * 1000, 0)} "
-                     f"| {gen['requests']} / 0 |")
+                     f"| {gen['requests']} / 0 | {_pct(gen['other_cpu_share'])} |")
     for name, result in (("llmctl gateway", gw), ("`transformers serve --continuous-batching`",
                                                    ts)):
         for lv in (result or {}).get("levels", []):
             lines.append(f"| {name} | {lv['concurrency']} | {_fmt(lv['output_throughput'])} | "
                          f"{_fmt(lv['median_ttft_ms'], 0)} | {_fmt(lv['median_tpot_ms'], 1)} | "
                          f"{_fmt(lv['median_e2el_ms'], 0)} | {lv['completed']} / "
-                         f"{lv['failed']} |")
+                         f"{lv['failed']} | {_pct(result['other_cpu_share'])} |")
     lines += ["", "| check (issue 6) | value | target | met |", "|---|---:|---|---|"]
     for c in doc["checks"]:
         met = {True: "yes", False: "**no**", None: "not measured"}[c["ok"]]
@@ -291,7 +358,11 @@ def markdown(doc: dict) -> str:
     missing = [s for s in SYSTEMS if s not in doc["results"]]
     if missing:
         lines += ["", f"Not run in this record: {', '.join(missing)}."]
-    lines += ["", f"Figures for {hi} streams compare the same load on each server.", END]
+    lines += ["", f"Figures for {hi} streams compare the same load on each server. \"Other "
+              "processes' CPU\" is the share of all cores that processes other than the "
+              "benchmark and the server under test used while that system was measured (the "
+              "machine is shared; the script refuses to record a run above "
+              f"{doc['args']['max_other_cpu']:.0%}).", END]
     return "\n".join(lines) + "\n"
 
 
@@ -324,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json-out", type=Path, default=ROOT / "bench" / "out" /
                         "serve_compare.json")
     parser.add_argument("--record", action="store_true", help="write bench/RESULTS.md")
+    parser.add_argument("--max-other-cpu", type=float, default=0.10,
+                        help="refuse to record when other processes took more than this "
+                        "share of the CPU while a system was measured")
     args = parser.parse_args(argv)
     args.levels = [int(x) for x in args.levels.split(",")]
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -362,6 +436,13 @@ def main(argv: list[str] | None = None) -> int:
     args.json_out.write_text(json.dumps(doc, indent=2) + "\n")
     text = markdown(doc)
     print(text)
+    disturbed = {name: r["other_cpu_share"] for name, r in results.items()
+                 if (r.get("other_cpu_share") or 0) > args.max_other_cpu}
+    if disturbed:
+        log("disturbed: other processes used " + ", ".join(
+            f"{share:.0%} of the CPU during {name}" for name, share in disturbed.items())
+            + "; not recorded, run again on a quiet machine")
+        return 3
     if args.record:
         record(text)
     return 0 if all(c["ok"] is not False for c in doc["checks"]) else 1
