@@ -61,7 +61,9 @@ log = logging.getLogger(__name__)
 # generated token decodes the way it would inside the full text (the vLLM/TGI approach).
 _DETOK_CONTEXT = 5
 _TRACE_HISTORY = 2048
-_REPLACEMENT_WAIT_S = 0.003
+_REPLACEMENT_WAIT_MIN_S = 0.002
+_REPLACEMENT_WAIT_MAX_S = 0.025
+_REPLACEMENT_HORIZON_S = 0.020
 
 
 # --------------------------------------------------------------------------- counters
@@ -492,7 +494,10 @@ class Scheduler:
         self._wake = threading.Event()
         self._finished = 0  # sequences that left during the current iteration
         self._pauses = 0
-        self._replacement_rate = 1.0  # share of recent pauses a new request answered
+        self._last_finish_at: float | None = None
+        self._replaced = False  # a request came within the horizon of the last finish
+        self._replacement_rate = 1.0  # share of recent finishes answered that way
+        self._replacement_latency = _REPLACEMENT_WAIT_MIN_S  # EWMA, seconds
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
@@ -528,6 +533,7 @@ class Scheduler:
             self.stats.submitted += 1
             seq.trace = RequestTrace(seq.request_id, submitted_step=self.stats.steps)
             self._remember(seq.trace)
+            self._note_arrival()
         self._incoming.append(seq)
         self._wake.set()
         return True
@@ -567,31 +573,56 @@ class Scheduler:
             self._shutdown()
 
     def _await_replacements(self) -> None:
-        """After rows finished, give callers a moment (3 ms at most, less once as many
-        requests as finished have come in) to send the requests that replace them.
+        """After rows finished, give callers a moment to send the requests that replace
+        them, then take those in at once.
 
-        A closed-loop caller in this process (an eval run, a benchmark) answers within
-        a few milliseconds, just after the next iteration took in newcomers; without the
-        pause its request waits a whole iteration (tens of ms) for the next admission.
-        Where callers do not replace finished requests (open-loop traffic) the pause
-        would only cost time, so it stops once most recent pauses went unanswered, and
-        one pause in eight still probes whether that changed.
+        Closed-loop callers (a benchmark, an eval run, a client with a fixed number of
+        streams) send the next request a few ms after one finishes: about 1 ms in this
+        process, 5-10 ms over HTTP. That is just after the loop took in newcomers, so
+        without a pause each such request waits a whole iteration (a prefill plus a
+        decode step, ~90 ms at 16 rows on a small CPU) before its own prefill starts.
+        The pause lasts twice the observed finish-to-replacement latency (2-25 ms)
+        and ends once as many new requests as finished have come in (a simulation of
+        16 closed-loop streams over HTTP: TTFT p50 130 -> 56 ms for 2% throughput;
+        the pause also locks onto that phase, where without it each finish is
+        answered one iteration late). Where callers do not
+        replace finished requests (open-loop traffic) it only costs time, so it is
+        skipped while fewer than half of recent finishes were followed by a request
+        within 20 ms (one in eight still pauses, to notice a change).
         """
         finished, self._finished = self._finished, 0
-        if not (finished and self._batch is not None and self._room() > 0
-                and not self._incoming and not self._waiting):
+        if not finished:
+            return
+        previous, self._replaced = self._replaced, False
+        if self._last_finish_at is not None:  # was the previous finish answered?
+            hit = 1.0 if previous else 0.0
+            self._replacement_rate = 0.8 * self._replacement_rate + 0.2 * hit
+        self._last_finish_at = time.perf_counter()
+        if not (self._batch is not None and self._room() > 0 and not self._waiting):
             return
         self._pauses += 1
-        if self._replacement_rate < 0.3 and self._pauses % 8:
+        if self._replacement_rate < 0.5 and self._pauses % 8:
             return
-        deadline = time.perf_counter() + _REPLACEMENT_WAIT_S
-        while len(self._incoming) < finished and not self._stopping:
+        window = min(_REPLACEMENT_WAIT_MAX_S,
+                     max(_REPLACEMENT_WAIT_MIN_S, 2.0 * self._replacement_latency))
+        deadline = self._last_finish_at + window
+        before = self.stats.submitted  # count only requests sent after this finish
+        while self.stats.submitted - before < finished and not self._stopping:
             left = deadline - time.perf_counter()
             if left <= 0 or not self._wake.wait(left):
                 break
             self._wake.clear()  # the loop re-checks its queues itself before sleeping
-        hit = 1.0 if self._incoming else 0.0
-        self._replacement_rate = 0.8 * self._replacement_rate + 0.2 * hit
+
+    def _note_arrival(self) -> None:
+        """Called on submit: time since the last finish, to learn how fast (and
+        whether) callers replace finished requests."""
+        finished_at = self._last_finish_at
+        if finished_at is None:
+            return
+        gap = time.perf_counter() - finished_at
+        if gap < _REPLACEMENT_HORIZON_S and not self._replaced:
+            self._replaced = True
+            self._replacement_latency = 0.8 * self._replacement_latency + 0.2 * gap
 
     def _iterate(self) -> None:
         self._intake()
