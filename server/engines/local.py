@@ -142,7 +142,9 @@ class LocalEngine(ModelEngine):
             device = self.device
             self.model = None
             scheduler.model = None
+        gc.unfreeze()  # let the collector reach the model's cycles again (see _freeze_gc)
         release_memory(device)
+        gc.freeze()
 
     async def health(self) -> tuple[bool, str]:
         if self._scheduler is None:

@@ -337,3 +337,16 @@ async def test_a_failed_step_fails_its_rows_and_the_engine_goes_on(engine_model_
         assert (await eng.health())[0] and eng.stats.running == 0
     finally:
         await eng.close()
+
+
+async def test_close_releases_the_model(engine_model_dir):
+    import gc
+    import weakref
+
+    eng = make_engine(engine_model_dir)
+    await eng.start()
+    await eng.generate(request("hello", greedy(3)))
+    ref = weakref.ref(eng.model)
+    await eng.close()
+    gc.collect()
+    assert ref() is None
