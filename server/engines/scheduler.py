@@ -587,16 +587,16 @@ class Scheduler:
         the pause also locks onto that phase, where without it each finish is
         answered one iteration late). Where callers do not
         replace finished requests (open-loop traffic) it only costs time, so it is
-        skipped while fewer than half of recent finishes were followed by a request
-        within 20 ms (one in eight still pauses, to notice a change).
+        skipped unless recent finishes were mostly followed by a request within 20 ms
+        (one in eight still pauses, to notice a change).
         """
         finished, self._finished = self._finished, 0
         if not finished:
             return
         previous, self._replaced = self._replaced, False
         if self._last_finish_at is not None:  # was the previous finish answered?
-            hit = 1.0 if previous else 0.0
-            self._replacement_rate = 0.8 * self._replacement_rate + 0.2 * hit
+            hit = 1.0 if previous else 0.0  # weight 1/2: one answered finish turns it on
+            self._replacement_rate = 0.5 * self._replacement_rate + 0.5 * hit
         self._last_finish_at = time.perf_counter()
         if not (self._batch is not None and self._room() > 0 and not self._waiting):
             return
