@@ -150,7 +150,11 @@ def test_rm_rf_leaves_host_and_repository_untouched(run, tmp_path):
     (canary / "keep.txt").write_text("keep")
     os.chmod(tmp_path, 0o755)
     before = _digest(PROTECTED)
-    program = (f"import os\nos.system('rm -rf {canary} {PROTECTED}')\n"
+    # The program passes only if it saw its targets and they are gone afterwards. Where
+    # the repository lies under /tmp (a CI clone), the isolated sandbox's private /tmp
+    # hides it altogether, and the program fails at the first check.
+    program = (f"import os\nassert os.path.exists({str(PROTECTED)!r})\n"
+               f"os.system('rm -rf {canary} {PROTECTED}')\n"
                f"assert not os.path.exists({str(PROTECTED)!r})\n")
     result = run(program)
     assert not result.passed
