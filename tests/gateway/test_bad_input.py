@@ -114,3 +114,17 @@ async def test_unknown_route_and_method(gateway):
     response = await client.get("/v1/completions", headers={"X-API-Key": secrets["user"]})
     assert response.status_code == 405
     assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded",
+                                          "text/plain"])
+async def test_json_body_is_read_whatever_the_declared_type(gateway, content_type):
+    """`curl -d '{...}'` without -H 'Content-Type: application/json' works."""
+    _app, client, secrets = gateway
+    headers = {"X-API-Key": secrets["user"]}
+    if content_type:
+        headers["content-type"] = content_type
+    response = await client.post("/v1/generate", headers=headers,
+                                 content=b'{"prompt": "Hello!", "max_new_tokens": 4}')
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] > 0

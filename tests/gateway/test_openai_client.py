@@ -25,8 +25,8 @@ def client(server):
 def test_readme_curl_flow(server):
     secret = server.create_key("readme")
     out = subprocess.run(
+        # exactly the README's call: no Content-Type header
         ["curl", "-s", "-X", "POST", server.url + "/v1/generate", "-H", f"X-API-Key: {secret}",
-         "-H", "Content-Type: application/json",
          "-d", '{"prompt": "Hello!", "max_new_tokens": 32}'],
         capture_output=True, text=True, check=True).stdout
     data = json.loads(out)
