@@ -473,6 +473,7 @@ class Scheduler:
         # (rows x columns per iteration) is `prefill_chunk_tokens` while other rows
         # decode (it bounds their stall) and `idle_prefill_tokens` when none do.
         self.prefill_group_tokens = max(1, prefill_group_tokens)
+        self.prefill_group_min = 2
         self.prefill_chunk_tokens = max(1, prefill_chunk_tokens)
         self.idle_prefill_tokens = max(self.prefill_chunk_tokens, idle_prefill_tokens)
         self.on_queue_time = on_queue_time
@@ -712,7 +713,8 @@ class Scheduler:
             seq = self._waiting[0]
             n = len(seq.prompt_ids)
             padded = (len(rows) + 1) * max(longest, n)
-            if rows and ((len(rows) >= 2 and real + n > budget) or padded > 2 * (real + n)):
+            if rows and ((len(rows) >= self.prefill_group_min and real + n > budget)
+                         or padded > 2 * (real + n)):
                 break
             self._waiting.popleft()
             rows.append(seq)
