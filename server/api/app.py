@@ -43,7 +43,8 @@ def create_app(settings: Settings | None = None, models: ModelsConfig | None = N
         redis = RedisHandle.from_settings(settings)
         if redis is not None:
             await redis.connect()
-        manager = MultiModelManager(models, settings, engine_factory)
+        manager = MultiModelManager(models, settings, engine_factory,
+                                    on_engine=metrics.observe_engine)
         logstore = LogStore(db, interval=settings.log_flush_interval,
                             batch_size=settings.log_batch_size, keep_text=settings.log_prompts)
         logstore.start()

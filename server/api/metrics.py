@@ -45,6 +45,12 @@ class EngineCollector(Collector):
         yield waiting
 
 
+def observe_engine(spec, engine) -> None:
+    """Feed an engine's queue times into QUEUE_TIME (engines that have a queue)."""
+    if hasattr(engine, "on_queue_time"):
+        engine.on_queue_time = QUEUE_TIME.labels(spec.name).observe
+
+
 _collector: EngineCollector | None = None
 
 

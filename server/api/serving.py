@@ -163,7 +163,8 @@ class Gateway:
     def _count(engine: ModelEngine, prompt, text: str, chat: bool) -> int | None:
         if isinstance(prompt, list):
             return len(prompt)
-        return engine.count_tokens(text)
+        # A rendered chat template already holds its special tokens (a BOS, say).
+        return engine.count_tokens(text, add_special_tokens=not chat)
 
     # --- admission, cache and settlement
 

@@ -97,8 +97,10 @@ class ModelEngine(ABC):
         """Yield StreamDelta pieces, then exactly one Completion. Closing the iterator
         (client gone) must stop the generation."""
 
-    def count_tokens(self, text: str) -> int | None:
-        """Token count with the model's own tokenizer; None where unknown (remote)."""
+    def count_tokens(self, text: str, *, add_special_tokens: bool = True) -> int | None:
+        """Token count with the model's own tokenizer; None where unknown (remote).
+        Text that already carries its special tokens (a rendered chat template) is
+        counted with add_special_tokens=False."""
         return None
 
     def render_chat(self, messages: list[dict]) -> str | None:

@@ -15,6 +15,7 @@ from server.engines.base import ModelEngine
 from server.errors import ModelNotFound
 
 EngineFactory = Callable[[ModelSpec, Settings], ModelEngine]
+EngineHook = Callable[[ModelSpec, ModelEngine], None]
 
 
 def default_engine_factory(spec: ModelSpec, settings: Settings) -> ModelEngine:
@@ -29,10 +30,12 @@ def default_engine_factory(spec: ModelSpec, settings: Settings) -> ModelEngine:
 
 class MultiModelManager:
     def __init__(self, config: ModelsConfig, settings: Settings,
-                 engine_factory: EngineFactory = default_engine_factory):
+                 engine_factory: EngineFactory = default_engine_factory,
+                 on_engine: EngineHook | None = None):
         self.config = config
         self.settings = settings
         self._factory = engine_factory
+        self._on_engine = on_engine  # e.g. to hook metrics into each new engine
         self._engines: dict[str, ModelEngine] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -62,6 +65,8 @@ class MultiModelManager:
             engine = self._engines.get(spec.name)
             if engine is None:
                 engine = self._factory(spec, self.settings)
+                if self._on_engine is not None:
+                    self._on_engine(spec, engine)
                 self._engines[spec.name] = engine
             await engine.start()
             return engine

@@ -55,8 +55,8 @@ class Counting(ModelEngine):
         async for item in self.inner.stream(request):
             yield item
 
-    def count_tokens(self, text):
-        return self.inner.count_tokens(text)
+    def count_tokens(self, text, **kw):
+        return self.inner.count_tokens(text, **kw)
 
     def render_chat(self, messages):
         return self.inner.render_chat(messages)

@@ -32,6 +32,9 @@ def test_metrics_parse_and_count(live_server):
             if s.name.endswith("_count")]
     assert ttft and ttft[0].value == 1
     assert "llmctl_request_latency_seconds" in families
+    queued = [s for s in families["llmctl_request_queue_time_seconds"].samples
+              if s.name.endswith("_count") and s.labels["model"] == "tiny"]
+    assert queued and queued[0].value == 2
     assert "llmctl_num_requests_running" in families
 
 
