@@ -20,8 +20,8 @@ def serve(
 ):
     """Run the API gateway (FastAPI under uvicorn)."""
     import uvicorn
-    from server.api.app import create_app
 
+    from server.api.app import create_app
     from server.config import load_models_config
 
     settings = context.get(ctx).settings

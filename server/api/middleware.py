@@ -13,7 +13,6 @@ import uuid
 from server.api import metrics
 from server.services.logstore import RequestRecord
 
-
 _JSON = (b"content-type", b"application/json")
 
 

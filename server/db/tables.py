@@ -89,7 +89,9 @@ class UsageMonthly(Base):
     """Aggregated usage per key, month and model."""
 
     __tablename__ = "usage_monthly"
-    __table_args__ = (UniqueConstraint("key_id", "month", "model", name="uq_usage_key_month_model"),)
+    __table_args__ = (
+        UniqueConstraint("key_id", "month", "model", name="uq_usage_key_month_model"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), index=True)
