@@ -153,6 +153,8 @@ async def test_admin_api_and_cli_agree(gov_gateway, tmp_path, monkeypatch):
         rotated = (await c.post("/v1/admin/keys/bob/rotate", headers=h)).json()
         assert (await complete(c, bob)).status_code == 401  # the old secret is dead
         assert (await complete(c, rotated["secret"])).status_code == 200
+        # that request's log write moves bob's last_used_at: let it land first
+        await gw.state.logstore.flush()
         revoked = cli("keys", "revoke", "bob", "--json")
         assert revoked == await api("/v1/admin/keys/bob") and revoked["state"] == "revoked"
         again = (await c.post("/v1/admin/keys/bob/revoke", headers=h)).json()
