@@ -296,11 +296,21 @@ def machine() -> dict:
 
 
 def git_commit() -> str:
+    """HEAD, and the serving code's uncommitted changes if any (the tree is shared)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, text=True, capture_output=True,
+                              check=True).stdout.strip()
+
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                              capture_output=True, check=True).stdout.strip()
+        head = f"`{git('rev-parse', '--short', 'HEAD')}`"
+        dirty = [line[3:] for line in git("status", "--porcelain", "server", "llmctl")
+                 .splitlines() if line[:2].strip() and not line.startswith("??")]
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    if dirty:
+        head += f" with uncommitted changes to {', '.join(f'`{p}`' for p in dirty[:5])}"
+        head += f" and {len(dirty) - 5} more" if len(dirty) > 5 else ""
+    return head
 
 
 def _fmt(value, digits=1) -> str:
@@ -319,7 +329,7 @@ def markdown(doc: dict) -> str:
         "## Serving: llmctl gateway vs `transformers serve` vs sequential `generate` "
         "(issue 6, Done when 4)",
         "",
-        f"Run {doc['date']} at commit `{doc['commit']}`, one run, systems one after another. "
+        f"Run {doc['date']} at commit {doc['commit']}, one run, systems one after another. "
         f"Machine: {doc['machine']['cpu']}, {doc['machine']['cores']} cores, "
         f"torch {doc['machine']['torch']} ({doc['machine']['torch_threads']} threads), "
         f"transformers {doc['machine']['transformers']}, Python {doc['machine']['python']}. "
