@@ -203,11 +203,7 @@ class Gateway:
 
     @staticmethod
     def usage(call: Call, outcome: Outcome) -> tuple[int, int]:
-        """(prompt, completion) tokens: each prompt once however many choices it has
-        (OpenAI's convention); remote models report their own prompt counts."""
-        n = max(1, len(call.requests) // max(1, len(call.prompt_texts)))
-        prompt = call.prompt_tokens or sum(c.prompt_tokens for c in outcome.choices[::n])
-        return prompt, sum(c.completion_tokens for c in outcome.choices)
+        return count_usage(call, outcome.choices)
 
     def _charge(self, call: Call, outcome: Outcome) -> int:
         if outcome.cache_status == "hit" and not self.settings.cache_hits_charge_quota:
@@ -388,6 +384,14 @@ class Gateway:
                 await merged.aclose()
             if admission is not None:
                 await admission.settle(charged)
+
+
+def count_usage(call: Call, choices: list[Completion]) -> tuple[int, int]:
+    """(prompt, completion) tokens of choices in index order: each prompt once however
+    many choices it has (OpenAI's convention); remote models report their own counts."""
+    n = max(1, len(call.requests) // max(1, len(call.prompt_texts)))
+    prompt = call.prompt_tokens or sum(c.prompt_tokens for c in choices[::n])
+    return prompt, sum(c.completion_tokens for c in choices)
 
 
 async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:

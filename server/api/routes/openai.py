@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from server.api import sse
 from server.api.deps import CurrentKey, State
 from server.api.protocol import ChatCompletionRequest, CompletionRequest
-from server.api.serving import CachePolicy, Call
+from server.api.serving import CachePolicy, Call, count_usage
 from server.engines.base import Completion, SamplingParams, TokenLogprob
 from server.errors import InvalidRequest
 
@@ -99,18 +99,29 @@ async def completions(body: CompletionRequest, request: Request, key: CurrentKey
                         _headers(headers, cache_status))
 
 
-async def _completion_chunks(call: Call, events, body: CompletionRequest, include_usage: bool):
+def _chunker(call: Call, object_name: str, include_usage: bool):
+    """One SSE chunk of `object_name`; with include_usage every chunk has `usage`
+    (null until the last, OpenAI's framing)."""
     def chunk(choices: list, usage: dict | None = None) -> str:
-        data = {"id": call.id, "object": "text_completion", "created": call.created,
+        data = {"id": call.id, "object": object_name, "created": call.created,
                 "model": call.spec.name, "choices": choices}
         if include_usage:
             data["usage"] = usage
         return sse.event(data)
 
-    finals: list[Completion] = []
+    return chunk
+
+
+def _usage_chunk(chunk, call: Call, finals: dict[int, Completion]) -> str:
+    return chunk([], _usage(*count_usage(call, [finals[i] for i in sorted(finals)])))
+
+
+async def _completion_chunks(call: Call, events, body: CompletionRequest, include_usage: bool):
+    chunk = _chunker(call, "text_completion", include_usage)
+    finals: dict[int, Completion] = {}
     async for index, item in events:
         if isinstance(item, Completion):
-            finals.append(item)
+            finals[index] = item
             yield chunk([{"index": index, "text": "", "logprobs": None,
                           "finish_reason": item.finish_reason}])
         elif item.text:
@@ -119,8 +130,7 @@ async def _completion_chunks(call: Call, events, body: CompletionRequest, includ
             yield chunk([{"index": index, "text": item.text, "logprobs": logprobs,
                           "finish_reason": None}])
     if include_usage:
-        prompt = call.prompt_tokens or sum(c.prompt_tokens for c in finals[:: body.n])
-        yield chunk([], _usage(prompt, sum(c.completion_tokens for c in finals)))
+        yield _usage_chunk(chunk, call, finals)
     yield "data: [DONE]\n\n"
 
 
@@ -162,20 +172,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, key: C
 
 
 async def _chat_chunks(call: Call, events, body: ChatCompletionRequest, include_usage: bool):
-    def chunk(choices: list, usage: dict | None = None) -> str:
-        data = {"id": call.id, "object": "chat.completion.chunk", "created": call.created,
-                "model": call.spec.name, "choices": choices}
-        if include_usage:
-            data["usage"] = usage
-        return sse.event(data)
-
+    chunk = _chunker(call, "chat.completion.chunk", include_usage)
     for index in range(body.n):
         yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
                       "logprobs": None, "finish_reason": None}])
-    finals: list[Completion] = []
+    finals: dict[int, Completion] = {}
     async for index, item in events:
         if isinstance(item, Completion):
-            finals.append(item)
+            finals[index] = item
             yield chunk([{"index": index, "delta": {}, "logprobs": None,
                           "finish_reason": item.finish_reason}])
         elif item.text:
@@ -183,6 +187,5 @@ async def _chat_chunks(call: Call, events, body: ChatCompletionRequest, include_
             yield chunk([{"index": index, "delta": {"content": item.text}, "logprobs": logprobs,
                           "finish_reason": None}])
     if include_usage:
-        prompt = call.prompt_tokens or sum(c.prompt_tokens for c in finals[:: body.n])
-        yield chunk([], _usage(prompt, sum(c.completion_tokens for c in finals)))
+        yield _usage_chunk(chunk, call, finals)
     yield "data: [DONE]\n\n"
