@@ -25,20 +25,10 @@ MODEL = "fake-model"
 
 @pytest.fixture(scope="session")
 def cli_app() -> typer.Typer:
-    """The real root CLI, with `bench` added if the root does not register it yet."""
-    from llmctl import cli
-    from llmctl.commands import bench
+    """The root `llmctl` CLI, as users run it."""
+    from llmctl.cli import app
 
-    if any(group.name == "bench" for group in cli.app.registered_groups):
-        return cli.app
-    root = typer.Typer(cls=cli._Root, pretty_exceptions_enable=False)
-
-    @root.callback()
-    def _root() -> None:
-        pass
-
-    root.add_typer(bench.app, name="bench")
-    return root
+    return app
 
 
 def _fake_app(tokens: int = 6, gap: float = 0.005, usage: bool = True) -> FastAPI:
