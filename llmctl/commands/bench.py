@@ -72,18 +72,19 @@ def serve(
     concurrency: Annotated[str, typer.Option("--concurrency", help="Comma-separated levels of "
                                              "requests in flight, one run each.")] = "1,8,32",
     num_prompts: Annotated[int | None, typer.Option("--num-prompts", min=1, help="Requests per "
-                                                    "level [default: 2x the level, at least "
-                                                    "16].")] = None,
+                                                    "level (default: 2x the level, at least "
+                                                    "16).")] = None,
     request_rate: Annotated[float, typer.Option("--request-rate", help="Arrivals per second, "
                                                 "Poisson; inf sends all at once.")] = math.inf,
-    prompt_len: PromptLenOption = 128,
+    prompt_len: Annotated[int, typer.Option("--prompt-len", min=1, help="Prompt length in "
+                                            "words, or tokens with --tokenizer.")] = 128,
     gen_len: GenLenOption = 64,
     tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="Tokenizer directory "
                                                   "or hub id: prompts of exactly --prompt-len "
-                                                  "tokens [default: --prompt-len words].")]
+                                                  "tokens.")]
     = None,
     temperature: Annotated[float | None, typer.Option("--temperature", help="Sent with each "
-                                                      "request [default: the server's].")]
+                                                      "request (default: the server's).")]
     = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for prompts and arrivals.")] = 0,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for a response "
@@ -95,9 +96,7 @@ def serve(
 ):
     """Load-test an OpenAI-compatible server: throughput, TTFT, TPOT, ITL, latency.
 
-    Streams /v1/completions at each concurrency level, like `vllm bench serve`, and
-    reports request and token throughput, TTFT, TPOT, ITL and end-to-end latency
-    (mean, p50, p99) and errors per level.
+    Streams /v1/completions at each concurrency level, like `vllm bench serve`.
     """
     from llmctl.benchmarking.serve import ServeConfig, run_serve_bench
 
@@ -132,24 +131,24 @@ def serve(
 def device(
     ctx: typer.Context,
     model: Annotated[str | None, typer.Option("--model", help="Configured model name "
-                                              "[default: the default model].")] = None,
+                                              "(default: the default model).")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="models.yaml (default: "
                                                 "LLMCTL_MODELS_CONFIG or ./models.yaml).")]
     = None,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch "
                                              "sizes.")] = "1,4,16",
     prompt_len: PromptLenOption = 128,
-    gen_len: GenLenOption = 64,
+    gen_len: Annotated[int, typer.Option("--gen-len", min=1, help="Decode steps (new tokens "
+                                         "per sequence).")] = 64,
     device_: Annotated[str | None, typer.Option("--device", help="cpu, cuda, mps or auto "
-                                                "[default: the model's, else auto].")] = None,
+                                                "(default: the model's, else auto).")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     out: OutputOption = None,
     as_json: JsonOption = False,
 ):
     """Measure prefill and decode tokens/s and peak memory of a local model per batch size.
 
-    Plain forward passes with a KV cache (no engine, no server) on the model's device:
-    the ceiling the serving stack is measured against.
+    Plain forward passes with a KV cache on the model's device: no engine, no server.
     """
     from llmctl.benchmarking.device import DeviceConfig, run_device_bench
     from llmctl.benchmarking.report import device_table
