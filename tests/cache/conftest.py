@@ -16,18 +16,6 @@ def make_settings(**kw) -> Settings:
 
 
 @pytest.fixture
-def sqlite_db(tmp_path):
-    """Embedded SQLite at head, for the tests whose subject is not the database."""
-    from server.db import migrate
-    from server.db.engine import Database
-
-    db = Database(f"sqlite:///{tmp_path / 'llmctl.db'}")
-    migrate.upgrade(db, "head")
-    yield db
-    db.dispose()
-
-
-@pytest.fixture
 def settings():
     return make_settings()
 

@@ -10,18 +10,6 @@ import pytest
 
 
 @pytest.fixture
-def sqlite_db(tmp_path):
-    """A migrated embedded SQLite database."""
-    from server.db import migrate
-    from server.db.engine import Database
-
-    db = Database(f"sqlite:///{tmp_path / 'gov.db'}")
-    migrate.upgrade(db, "head")
-    yield db
-    db.dispose()
-
-
-@pytest.fixture
 def make_settings(tmp_path):
     """Settings that ignore the developer's .env and environment for limit defaults."""
     from server.config import Settings

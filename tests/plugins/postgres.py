@@ -92,3 +92,15 @@ def database(db_url):
     migrate.upgrade(db, "head")
     yield db
     db.dispose()
+
+
+@pytest.fixture
+def sqlite_db(tmp_path):
+    """Embedded SQLite at head, for tests whose subject is not the database."""
+    from server.db import migrate
+    from server.db.engine import Database
+
+    db = Database(f"sqlite:///{tmp_path / 'llmctl.db'}")
+    migrate.upgrade(db, "head")
+    yield db
+    db.dispose()
