@@ -10,19 +10,17 @@ engine, the benchmark command and the eval suite agree. The rules:
 - dtype: the spec's `dtype` wins; "auto" is float32 on the CPU (bf16 matmuls are slow
   on most CPUs and fp16 ones worse), bfloat16 on CUDA where the card supports it and
   float16 otherwise, float16 on MPS.
-- threads: `Settings.torch_threads` sets torch's intra-op pool. Unset, a CPU model on a
-  small machine (4 cores or fewer) leaves one core to the event loop, the HTTP server
-  and tokenization: torch's pool synchronises its threads at every op, so when another
-  thread or process takes one of its cores every op waits for it. On the 2-core dev
-  machine, with one core busy elsewhere, a 32-token prefill took 0.4-0.9 s on two
-  threads and 35 ms on one; the engine at 16 concurrent streams was 12-20% faster on
-  one thread, single requests as fast. Larger machines keep torch's default.
+- threads: `Settings.torch_threads` sets torch's intra-op pool; unset, torch's own
+  default (one thread per core) stays. An earlier rule left one core free on machines
+  of 4 cores or fewer; it was tuned on a 2-core machine busy with other jobs, and on
+  the same machine quiet it cost a third of the throughput (16 streams on the small
+  test model: 334 tok/s on one thread, 491 on two, bench/RESULTS.md). A server that
+  shares its cores with other work can still set fewer threads.
 """
 
 from __future__ import annotations
 
 import gc
-import os
 
 import torch
 
@@ -69,23 +67,12 @@ def resolve_dtype(requested: str | None, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-SMALL_MACHINE_CORES = 4
-
-
-def configure_threads(threads: int | None, device: torch.device | None = None) -> int:
-    """Set torch's intra-op thread count (process-wide); return the count in effect.
-
-    `threads` (from the settings) wins; otherwise see the module docstring."""
-    if threads and threads > 0:
-        wanted = threads
-    elif device is not None and device.type == "cpu":
-        cores = os.cpu_count() or 1
-        wanted = max(1, cores - 1) if cores <= SMALL_MACHINE_CORES else torch.get_num_threads()
-    else:
-        return torch.get_num_threads()
-    if torch.get_num_threads() != wanted:
-        torch.set_num_threads(wanted)
-    return wanted
+def configure_threads(threads: int | None) -> int:
+    """Set torch's intra-op thread count (process-wide) when `threads` (from the
+    settings) asks for one; return the count in effect."""
+    if threads and threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
 
 
 def release_memory(device: torch.device | None) -> None:

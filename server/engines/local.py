@@ -102,7 +102,7 @@ class LocalEngine(ModelEngine):
 
             device = resolve_device(self.spec.device or self.settings.model_device)
             dtype = resolve_dtype(self.spec.dtype, device)
-            configure_threads(self.settings.torch_threads, device)
+            configure_threads(self.settings.torch_threads)
             self._ensure_tokenizer()
             loop_tokenizer = self._load_tokenizer()
             try:

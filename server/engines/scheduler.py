@@ -19,11 +19,12 @@ Requests thus join and leave at step boundaries, each with its own sampling para
 KV rows, so a long request never holds back a short one (Orca, OSDI'22:
 https://www.usenix.org/conference/osdi22/presentation/yu).
 
-KV layout: one `DynamicCache` (whose layers grow in place, see `_KVLayer`) holds the
-batch, rows right-aligned and left-padded, with a boolean padding mask. Every row's
-newest token sits in the last column, so a decode step is a single forward of `[B, 1]`
-tokens with per-row `position_ids`; merging is left-padding plus concatenation; removal
-is `index_select`; columns that are padding in every row are trimmed. While no row is
+KV layout: one `BatchCache` (server/engines/kvcache.py: a `DynamicCache` reshaped in
+place, never rebuilt) holds the batch, rows right-aligned and left-padded, with a
+boolean padding mask. Every row's newest token sits in the last column, so a decode
+step is a single forward of `[B, 1]` tokens with per-row `position_ids`; newcomers are
+written into spare rows; a row that leaves is filled from the tail; columns that are
+padding in every row are trimmed. While no row is
 padded (the single-request case) the mask is `None`, which lets SDPA run its causal
 fast path and keeps per-step work minimal. Because rows are contiguous and
 right-aligned, column distance equals position distance, so sliding-window masks built
@@ -49,10 +50,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from server.engines.base import SamplingParams, StreamDelta, TokenLogprob
+from server.engines.kvcache import BatchCache
 from server.errors import LlmctlError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -264,92 +264,7 @@ def _sample_row(logits: torch.Tensor, params: SamplingParams, gen: torch.Generat
     return int(torch.searchsorted(cdf, u.reshape(1)).clamp_max(vocab - 1))
 
 
-# --------------------------------------------------------------------------- KV helpers
-
-
-class _KVLayer(DynamicLayer):
-    """A `DynamicLayer` that appends into spare capacity instead of `torch.cat`-ing.
-
-    `DynamicLayer` copies the whole layer cache on every decode step; at a batch of 16
-    that was about 30% of a step's CPU time. Here the keys/values are views of a
-    buffer with room to grow (25% or at least 32 columns), so a step writes only the
-    new column. After the scheduler reshapes the batch (`assign`), the next update
-    copies into a fresh buffer once.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._kbuf: torch.Tensor | None = None
-        self._vbuf: torch.Tensor | None = None
-        self._len = 0
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        n, t = self._len, key_states.shape[-2]
-        if self._kbuf is None or n + t > self._kbuf.shape[-2]:
-            self._grow(key_states, value_states, n + t)
-        self._kbuf[:, :, n : n + t] = key_states
-        self._vbuf[:, :, n : n + t] = value_states
-        self._len = n + t
-        self.keys = self._kbuf[:, :, : n + t]
-        self.values = self._vbuf[:, :, : n + t]
-        return self.keys, self.values
-
-    def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, need: int) -> None:
-        b, h, _, d = key_states.shape
-        cap = need + max(32, need // 4)
-        kbuf = key_states.new_empty(b, h, cap, d)
-        vbuf = value_states.new_empty(b, h, cap, value_states.shape[-1])
-        if self._len:
-            kbuf[:, :, : self._len] = self.keys
-            vbuf[:, :, : self._len] = self.values
-        self._kbuf, self._vbuf = kbuf, vbuf
-
-    def assign(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Replace the contents (rows selected, columns trimmed or padded)."""
-        self.keys, self.values = keys, values
-        self._kbuf = self._vbuf = None
-        self._len = keys.shape[-2]
-
-    def get_seq_length(self) -> int:
-        return self._len if self.is_initialized else 0
-
-
-class _BatchCache(DynamicCache):
-    """The batch's KV cache: a DynamicCache whose layers are `_KVLayer`s."""
-
-    def __init__(self):
-        super().__init__()
-        self.layer_class_to_replicate = _KVLayer
-
-    def filled(self) -> list[_KVLayer]:
-        return [layer for layer in self.layers if layer.get_seq_length() > 0]
-
-
-def _cache_select(cache: _BatchCache, index: torch.Tensor) -> None:
-    for layer in cache.filled():
-        layer.assign(layer.keys.index_select(0, index), layer.values.index_select(0, index))
-
-
-def _cache_trim_left(cache: _BatchCache, columns: int) -> None:
-    for layer in cache.filled():
-        layer.assign(layer.keys[:, :, columns:], layer.values[:, :, columns:])
-
-
-def _cache_merge(a: _BatchCache, a_len: int, b: _BatchCache, b_len: int) -> None:
-    """Append b's rows to a, left-padding whichever is shorter (in place on a)."""
-    length = max(a_len, b_len)
-    for la, lb in zip(a.layers, b.layers, strict=True):
-        keys, values = [], []
-        for layer, n in ((la, a_len), (lb, b_len)):
-            k, v = layer.keys, layer.values
-            if n < length:
-                k = F.pad(k, (0, 0, length - n, 0))
-                v = F.pad(v, (0, 0, length - n, 0))
-            keys.append(k)
-            values.append(v)
-        la.assign(torch.cat(keys, 0), torch.cat(values, 0))
+# --------------------------------------------------------------------------- batches
 
 
 def _pad_mask(mask: torch.Tensor | None, rows: int, length: int, total: int,
@@ -365,7 +280,7 @@ def _pad_mask(mask: torch.Tensor | None, rows: int, length: int, total: int,
 class _Batch:
     """Rows decoding together: cache, mask, the next input token and position per row."""
 
-    def __init__(self, rows: list[Sequence], cache: _BatchCache, mask: torch.Tensor | None,
+    def __init__(self, rows: list[Sequence], cache: BatchCache, mask: torch.Tensor | None,
                  length: int, positions: torch.Tensor, next_tokens: torch.Tensor):
         self.rows = rows
         self.cache = cache
@@ -375,9 +290,11 @@ class _Batch:
         self.next_tokens = next_tokens  # [B, 1]
 
     def select(self, keep: list[int]) -> None:
-        index = torch.tensor(keep, device=self.next_tokens.device)
-        self.rows = [self.rows[i] for i in keep]
-        _cache_select(self.cache, index)
+        """Keep rows `keep` (ascending); the cache fills holes from the tail in place,
+        so the rows' order changes with it."""
+        order = self.cache.keep_rows(keep, len(self.rows))
+        index = torch.tensor(order, device=self.next_tokens.device)
+        self.rows = [self.rows[i] for i in order]
         self.positions = self.positions.index_select(0, index)
         self.next_tokens = self.next_tokens.index_select(0, index)
         if self.mask is not None:
@@ -389,7 +306,7 @@ class _Batch:
         used = self.mask.any(0)
         lead = int(used.int().argmax()) if bool(used.any()) else 0
         if lead:
-            _cache_trim_left(self.cache, lead)
+            self.cache.trim_left(lead)
             self.mask = self.mask[:, lead:]
             self.length -= lead
         if bool(self.mask.all()):
@@ -405,7 +322,7 @@ class _Batch:
                 _pad_mask(self.mask, len(self.rows), self.length, total, device),
                 _pad_mask(other.mask, len(other.rows), other.length, total, device),
             ])
-        _cache_merge(self.cache, self.length, other.cache, other.length)
+        self.cache.append(other.cache)
         self.rows = self.rows + other.rows
         self.mask = mask
         self.length = total
@@ -431,17 +348,17 @@ class _PrefillGroup:
             self.mask = torch.tensor(real, dtype=torch.bool, device=device)
             self.positions = (self.mask.long().cumsum(-1) - 1).clamp_min(0)
         self.cursor = 0
-        self.cache = _BatchCache()
+        self.cache = BatchCache()
 
     def select(self, keep: list[int]) -> None:
-        index = torch.tensor(keep, device=self.ids.device)
-        self.rows = [self.rows[i] for i in keep]
+        """Keep rows `keep` (ascending), in the order the cache leaves them."""
+        order = self.cache.keep_rows(keep, len(self.rows)) if self.cursor else keep
+        index = torch.tensor(order, device=self.ids.device)
+        self.rows = [self.rows[i] for i in order]
         self.ids = self.ids.index_select(0, index)
         self.positions = self.positions.index_select(0, index)
         if self.mask is not None:
             self.mask = self.mask.index_select(0, index)
-        if self.cursor:
-            _cache_select(self.cache, index)
 
 
 # --------------------------------------------------------------------------- scheduler
@@ -824,13 +741,12 @@ class Scheduler:
                 keep.append(i)
         if not keep:
             return
-        index = torch.tensor(keep, device=self.device)
-        rows = [g.rows[i] for i in keep]
-        if len(keep) < n:
-            _cache_select(g.cache, index)
-        mask = None if g.mask is None else g.mask.index_select(0, index)
+        order = g.cache.keep_rows(keep, n) if len(keep) < n else keep
+        rows = [g.rows[i] for i in order]
+        mask = None if g.mask is None else g.mask.index_select(
+            0, torch.tensor(order, device=self.device))
         positions = torch.tensor([[len(s.prompt_ids)] for s in rows], device=self.device)
-        next_tokens = torch.tensor([[tokens[i]] for i in keep], device=self.device)
+        next_tokens = torch.tensor([[tokens[i]] for i in order], device=self.device)
         newcomers = _Batch(rows, g.cache, mask, g.length, positions, next_tokens)
         if mask is not None:
             newcomers._trim()
