@@ -21,6 +21,13 @@ of `--prompt-len` (32) tokens. The checks are the issue's: llmctl at 16 streams 
 (a) and above (c) at 16; llmctl at 1 stream ≥ 90% of (a); llmctl TTFT p50 at 16
 < 4x its TTFT p50 at 1.
 
+The run repeats (a), (b) and (c) for `--rounds` (3) rounds, the two servers in
+alternating order, and judges each check on the median of its per-round values. On
+this kind of machine (a small VM) the speed of the same system drifts by 15% or more
+over a minute, which is more than the margins being checked: a ratio taken within a
+round compares systems measured under the same conditions, and the median keeps one
+disturbed round from deciding. Every round's figures are recorded.
+
 The machine is shared, so each measurement also records how much CPU other
 processes took meanwhile; above --max-other-cpu (10%) the run is not recorded.
 Exit status: 0 every check met, 1 a check missed, 3 disturbed by other processes.
@@ -35,6 +42,7 @@ import os
 import platform
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -223,8 +231,7 @@ def run_transformers(model_dir: Path, args, log_dir: Path) -> dict:
 
 
 def run_llmctl(model_dir: Path, args, log_dir: Path) -> dict:
-    home = log_dir / "llmctl-home"
-    home.mkdir(exist_ok=True)
+    home = Path(tempfile.mkdtemp(prefix="llmctl-home-", dir=log_dir))  # fresh each round
     config = log_dir / "models.yaml"
     config.write_text(
         "default_model: small\nmodels:\n"
@@ -256,7 +263,7 @@ def level(result: dict | None, concurrency: int) -> dict | None:
 
 
 def checks(gen: dict | None, gw: dict | None, ts: dict | None, hi: int) -> list[dict]:
-    """The issue's four conditions, each with its figures (None when a side is missing)."""
+    """The issue's four conditions in one round (a value is None when a side is missing)."""
     def ratio(a, b):
         return a / b if a is not None and b else None
 
@@ -270,11 +277,49 @@ def checks(gen: dict | None, gw: dict | None, ts: dict | None, hi: int) -> list[
         ("llmctl @1 / generate", ratio(out(gw1), base), ">=", 0.9),
         (f"llmctl TTFT p50 @{hi} / @1", ratio(ttft(gwn), ttft(gw1)), "<", 4.0),
     ]
-    result = []
-    for name, value, op, target in rows:
+    return [{"check": name, "value": value, "op": op, "target": target}
+            for name, value, op, target in rows]
+
+
+def verdicts(rounds: list[list[dict]]) -> list[dict]:
+    """Each check judged on the median of its per-round values."""
+    out = []
+    for i, first in enumerate(rounds[0]):
+        values = [r[i]["value"] for r in rounds]
+        known = [v for v in values if v is not None]
+        value = statistics.median(known) if known else None
+        op, target = first["op"], first["target"]
         ok = None if value is None else {"<": value < target, ">": value > target,
                                          ">=": value >= target}[op]
-        result.append({"check": name, "value": value, "target": f"{op} {target:g}", "ok": ok})
+        out.append({"check": first["check"], "rounds": values, "value": value,
+                    "target": f"{op} {target:g}", "ok": ok})
+    return out
+
+
+def _medians(items: list[dict]) -> dict:
+    """The first item with each of its numbers replaced by the median over `items`, and
+    the range of output throughput where there is one."""
+    out = dict(items[0])
+    for key, value in items[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            known = [it[key] for it in items if it.get(key) is not None]
+            middle = statistics.median_low if isinstance(value, int) else statistics.median
+            out[key] = middle(known) if known else None  # counts stay whole numbers
+    if "output_throughput" in out:
+        seen = [it["output_throughput"] for it in items]
+        out["throughput_range"] = (min(seen), max(seen))
+    return out
+
+
+def median_result(rounds: list[dict]) -> dict:
+    """One system's rounds folded into one: medians (per level for a server), and the
+    most other-process CPU any round saw."""
+    result = _medians(rounds)
+    result["other_cpu_share"] = max((r.get("other_cpu_share") or 0) for r in rounds)
+    if "levels" in result:
+        result["levels"] = [
+            _medians([x for r in rounds for x in r["levels"] if x["concurrency"] == c])
+            for c in (lv["concurrency"] for lv in rounds[0]["levels"])]
     return result
 
 
@@ -317,6 +362,12 @@ def _fmt(value, digits=1) -> str:
     return "–" if value is None else f"{value:,.{digits}f}"
 
 
+def _tput(result: dict) -> str:
+    low, high = result.get("throughput_range") or (None, None)
+    spread = f" ({_fmt(low)}–{_fmt(high)})" if low is not None and high != low else ""
+    return _fmt(result["output_throughput"]) + spread
+
+
 def _pct(share) -> str:
     return "–" if share is None else f"{share:.0%}"
 
@@ -329,7 +380,8 @@ def markdown(doc: dict) -> str:
         "## Serving: llmctl gateway vs `transformers serve` vs sequential `generate` "
         "(issue 6, Done when 4)",
         "",
-        f"Run {doc['date']} at commit {doc['commit']}, one run, systems one after another. "
+        f"Run {doc['date']} at commit {doc['commit']}: one run of {len(doc['rounds'])} "
+        "rounds, systems one after another (the servers in alternating order). "
         f"Machine: {doc['machine']['cpu']}, {doc['machine']['cores']} cores, "
         f"torch {doc['machine']['torch']} ({doc['machine']['torch_threads']} threads), "
         f"transformers {doc['machine']['transformers']}, Python {doc['machine']['python']}. "
@@ -346,25 +398,31 @@ def markdown(doc: dict) -> str:
         doc["command"],
         "```",
         "",
+        "Medians over the rounds (output tok/s: median, and the range in brackets):",
+        "",
         "| system | streams | output tok/s | TTFT p50 (ms) | TPOT p50 (ms) | E2E p50 (ms) "
-        "| requests ok / failed | other processes' CPU |",
+        "| requests ok / failed | other processes' CPU (most) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     if gen:
-        lines.append(f"| sequential `generate` | 1 | {_fmt(gen['output_throughput'])} | – | – | "
+        lines.append(f"| sequential `generate` | 1 | {_tput(gen)} | – | – | "
                      f"{_fmt(gen['duration_s'] / gen['requests'] * 1000, 0)} "
                      f"| {gen['requests']} / 0 | {_pct(gen['other_cpu_share'])} |")
     for name, result in (("llmctl gateway", gw), ("`transformers serve --continuous-batching`",
                                                    ts)):
         for lv in (result or {}).get("levels", []):
-            lines.append(f"| {name} | {lv['concurrency']} | {_fmt(lv['output_throughput'])} | "
+            lines.append(f"| {name} | {lv['concurrency']} | {_tput(lv)} | "
                          f"{_fmt(lv['median_ttft_ms'], 0)} | {_fmt(lv['median_tpot_ms'], 1)} | "
                          f"{_fmt(lv['median_e2el_ms'], 0)} | {lv['completed']} / "
                          f"{lv['failed']} | {_pct(result['other_cpu_share'])} |")
-    lines += ["", "| check (issue 6) | value | target | met |", "|---|---:|---|---|"]
+    n = len(doc["rounds"])
+    lines += ["", "| check (issue 6) | " + " | ".join(f"round {i + 1}" for i in range(n))
+              + " | median | target | met |", "|---|" + "---:|" * (n + 1) + "---|---|"]
     for c in doc["checks"]:
         met = {True: "yes", False: "**no**", None: "not measured"}[c["ok"]]
-        lines.append(f"| {c['check']} | {_fmt(c['value'], 2)} | {c['target']} | {met} |")
+        per_round = " | ".join(_fmt(v, 2) for v in c["rounds"])
+        lines.append(f"| {c['check']} | {per_round} | {_fmt(c['value'], 2)} | {c['target']} "
+                     f"| {met} |")
     missing = [s for s in SYSTEMS if s not in doc["results"]]
     if missing:
         lines += ["", f"Not run in this record: {', '.join(missing)}."]
@@ -389,6 +447,20 @@ def record(text: str) -> None:
     log(f"recorded in {RESULTS.relative_to(ROOT)}")
 
 
+def run_round(model_dir: Path, args, systems: list[str], log_dir: Path, index: int) -> dict:
+    """(a), then the two servers, in alternating order from round to round so that a
+    drift in the machine's speed does not always favour the same one."""
+    out = {}
+    if "generate" in systems:
+        log("generate: sequential greedy generate")
+        out["generate"] = run_generate(model_dir, args)
+    servers = [s for s in ("llmctl", "transformers") if s in systems]
+    for system in servers if index % 2 == 0 else servers[::-1]:
+        run = run_llmctl if system == "llmctl" else run_transformers
+        out[system] = run(model_dir, args, log_dir)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, default=ROOT / "models" / "small")
@@ -401,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="requests per level: max(this, --prompts-per-stream x level)")
     parser.add_argument("--prompts-per-stream", type=int, default=4)
     parser.add_argument("--generate-prompts", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="repeat every system this many times; checks use the median")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json-out", type=Path, default=ROOT / "bench" / "out" /
                         "serve_compare.json")
@@ -426,22 +500,18 @@ def main(argv: list[str] | None = None) -> int:
            "command": shlex.join([".venv/bin/python", "bench/serve_compare.py",
                                   *(argv if argv is not None else sys.argv[1:])]),
            "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()), "results": {}}
+    rounds: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="serve_compare-") as tmp:
-        log_dir = Path(tmp)
-        for system in SYSTEMS:  # a fixed order, whatever the order asked
-            if system not in systems:
-                continue
-            if system == "generate":
-                log("generate: sequential greedy generate")
-                doc["results"]["generate"] = run_generate(model_dir, args)
-            elif system == "llmctl":
-                doc["results"]["llmctl"] = run_llmctl(model_dir, args, log_dir)
-            else:
-                doc["results"]["transformers"] = run_transformers(model_dir, args, log_dir)
+        for r in range(args.rounds):
+            log(f"round {r + 1} of {args.rounds}")
+            rounds.append(run_round(model_dir, args, systems, Path(tmp), r))
     doc["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    results = doc["results"]
-    doc["checks"] = checks(results.get("generate"), results.get("llmctl"),
-                           results.get("transformers"), max(args.levels))
+    doc["rounds"] = rounds
+    results = doc["results"] = {name: median_result([rd[name] for rd in rounds])
+                                for name in SYSTEMS if name in rounds[0]}
+    doc["checks"] = verdicts([checks(rd.get("generate"), rd.get("llmctl"),
+                                     rd.get("transformers"), max(args.levels))
+                              for rd in rounds])
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps(doc, indent=2) + "\n")
     text = markdown(doc)
