@@ -426,7 +426,11 @@ def markdown(doc: dict) -> str:
     missing = [s for s in SYSTEMS if s not in doc["results"]]
     if missing:
         lines += ["", f"Not run in this record: {', '.join(missing)}."]
-    lines += ["", f"Figures for {hi} streams compare the same load on each server. \"Other "
+    lines += ["", "Each check is judged on the median of its per-round values: a ratio within a "
+              "round compares systems measured a minute apart, under the same conditions, "
+              "while the machine's speed drifts between rounds (see the ranges), so the "
+              "medians of the systems' own figures above need not order the same way.",
+              "", f"Figures for {hi} streams compare the same load on each server. \"Other "
               "processes' CPU\" is the share of all cores that processes other than the "
               "benchmark and the server under test used while that system was measured (the "
               "machine is shared; the script refuses to record a run above "
