@@ -8,12 +8,11 @@ and at N concurrent requests, on the `small` test model.
 Each request: a prompt of --prompt-len (32) tokens of plain words, --gen-len (64) new
 tokens, greedy. Output tok/s = generated tokens / wall time of the level (prefill
 included). TTFT is measured on streams (submit -> first delta). Sequential `generate`
-and the engine at 1 alternate request by request; `generate` runs in the main thread
-with torch's default thread count, the engine in its own thread with the engine's (on
-a machine of 4 cores or fewer, one core is left to the event loop). The figures are
-only comparable on an otherwise idle machine: other processes on the CPU lower them,
-`generate` on two threads far more than the engine. The end-to-end check through the
-gateway (and against `transformers serve`) is bench/serve_compare.py.
+and the engine at 1 alternate request by request; both use torch's default thread
+count (`generate` in the main thread, the engine in its own). The figures are only
+comparable on an otherwise idle machine: other processes on the CPU lower them. The
+end-to-end check through the gateway (and against `transformers serve`) is
+bench/serve_compare.py.
 """
 
 from __future__ import annotations
