@@ -31,8 +31,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
-import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -292,6 +292,11 @@ class Admission:
             return
         self.settled = True
         self.charged = max(0, int(charged_tokens))
+        if self.backend != "redis" and not self.quota_held:
+            # In-memory limits and no quota: nothing to wait for, so settle here; a
+            # shield would schedule a task and a loop turn for it (the cache-hit path).
+            self._limiter._settle_local(self, self.charged, undo_request=False)
+            return
         # Shielded: a client disconnect cancels the request task, but its slot and
         # reservation must still be given back.
         await asyncio.shield(self._limiter._settle(self, self.charged, undo_request=False))
@@ -322,8 +327,8 @@ class Limiter:
         rpm, tpm, conc = limits["rpm"], limits["tpm"], limits["max_concurrency"]
         quota = limits["monthly_token_quota"] if hold_quota else 0
         reserve = max(0, int(reserve_tokens))
-        member = uuid.uuid4().hex
-        month = current_month()
+        member = os.urandom(16).hex()  # unique across gateways sharing a Redis
+        month = current_month() if quota else ""  # only the quota ledger needs it
         backend, check = None, None
         if rpm or tpm or conc:
             backend, check = await self._check(key.id, rpm, tpm, conc, reserve, member)
@@ -353,11 +358,11 @@ class Limiter:
 
     async def _check(self, key_id: int, rpm: int, tpm: int, conc: int, reserve: int,
                      member: str) -> tuple[str, _Check]:
-        def local() -> tuple[str, _Check]:
+        if self.redis is None:
             return "local", self.local.admit(key_id, rpm, tpm, conc, reserve, member)
 
-        if self.redis is None:
-            return local()
+        def local() -> tuple[str, _Check]:
+            return "local", self.local.admit(key_id, rpm, tpm, conc, reserve, member)
 
         async def shared(_client) -> tuple[str, _Check]:
             reply = await self._script_admit(keys=_redis_keys(key_id),
@@ -407,6 +412,16 @@ class Limiter:
         )
 
     # ----- settling
+
+    def _settle_local(self, adm: Admission, charged: int, *, undo_request: bool) -> None:
+        """`_settle` for an admission with nothing remote to settle."""
+        if adm.backend != "local":
+            return
+        try:
+            self.local.settle(adm.key.id, adm.tpm, adm.reserve - charged, adm.member,
+                              undo_request)
+        except Exception:  # noqa: BLE001 - settling runs in finally blocks; never mask
+            log.exception("settling request limits for key %s failed", adm.key.id)
 
     async def _settle(self, adm: Admission, charged: int, *, undo_request: bool) -> None:
         refund = adm.reserve - charged

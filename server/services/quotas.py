@@ -43,14 +43,15 @@ def next_month_start(month: str) -> datetime:
 
 def effective_limits(settings, key: KeyInfo) -> dict[str, int]:
     """A key's own limits, or its role's defaults where unset. 0 means unlimited."""
-    prefix = "admin" if key.is_admin else "default"
-    defaults = {
-        "rpm": getattr(settings, f"{prefix}_rpm"),
-        "tpm": getattr(settings, f"{prefix}_tpm"),
-        "max_concurrency": getattr(settings, f"{prefix}_max_concurrency"),
-        "monthly_token_quota": getattr(settings, f"{prefix}_monthly_tokens"),
-    }
-    return {f: (getattr(key, f) if getattr(key, f) is not None else defaults[f]) for f in LIMITS}
+    if key.is_admin:
+        defaults = (settings.admin_rpm, settings.admin_tpm, settings.admin_max_concurrency,
+                    settings.admin_monthly_tokens)
+    else:
+        defaults = (settings.default_rpm, settings.default_tpm,
+                    settings.default_max_concurrency, settings.default_monthly_tokens)
+    own = (key.rpm, key.tpm, key.max_concurrency, key.monthly_token_quota)
+    return {f: (mine if mine is not None else default)
+            for f, mine, default in zip(LIMITS, own, defaults, strict=True)}
 
 
 def _usage_charged(s, key_id: int, month: str) -> int:

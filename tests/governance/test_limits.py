@@ -72,7 +72,8 @@ async def test_tokens_bucket_refunds_on_settle(sqlite_db, make_settings, make_ke
 
 async def test_concurrency_slot_frees_on_settle_and_cancel(sqlite_db, make_settings, make_key):
     limiter = Limiter(make_settings(), sqlite_db, None)
-    key = make_key(sqlite_db, max_concurrency=2)
+    # A quota makes settling wait for its ledger (a thread): a cancel can land mid-settle.
+    key = make_key(sqlite_db, max_concurrency=2, monthly_token_quota=10**6)
     a, b = await limiter.admit(key, 1), await limiter.admit(key, 1)
     before = REJECTIONS.labels("concurrency")._value.get()
     with pytest.raises(RateLimited, match="in flight"):
@@ -91,6 +92,18 @@ async def test_concurrency_slot_frees_on_settle_and_cancel(sqlite_db, make_setti
     d = await limiter.admit(key, 1)  # b's slot came back even though its task was cancelled
     for adm in (c, d):
         await adm.settle(0)
+
+
+async def test_settle_without_remote_state_does_not_yield(sqlite_db, make_settings, make_key):
+    """In-memory limits and no quota: settling is done before the first suspension, so
+    neither a cancel nor another task can come between a request and its slot."""
+    limiter = Limiter(make_settings(), sqlite_db, None)
+    key = make_key(sqlite_db, max_concurrency=1)
+    a = await limiter.admit(key, 1)
+    task = asyncio.ensure_future(a.settle(0))
+    await asyncio.sleep(0)
+    assert task.done()
+    await (await limiter.admit(key, 1)).settle(0)
 
 
 @pytest.mark.redis
