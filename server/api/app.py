@@ -13,8 +13,9 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from server.api import errors, metrics
+from server.api import bodies, errors, metrics
 from server.api.middleware import RequestContextMiddleware
+from server.api.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
 from server.api.routes import admin, generate, health, openai
 from server.api.routes import models as model_routes
 from server.api.routes import usage as usage_routes
@@ -23,10 +24,12 @@ from server.api.state import AppState
 from server.config import ModelsConfig, Settings, load_models_config
 from server.db.engine import Database
 from server.engines.manager import EngineFactory, MultiModelManager, default_engine_factory
+from server.services import sqlitereader
 from server.services.cache import CompletionCache
 from server.services.limits import Limiter
 from server.services.logstore import LogStore
 from server.services.redisconn import RedisHandle
+from server.services.sqlitereader import SqliteReader
 
 log = logging.getLogger("llmctl.api")
 
@@ -53,7 +56,8 @@ def create_app(settings: Settings | None = None, models: ModelsConfig | None = N
         await cache.start()
         state = AppState(settings=settings, models=models, db=db, manager=manager,
                          logstore=logstore, redis=redis, limiter=limiter, cache=cache,
-                         started_at=int(time.time()))
+                         started_at=int(time.time()),
+                         key_reader=SqliteReader(db) if sqlitereader.usable(db) else None)
         state.gateway = Gateway(settings, manager, limiter=limiter, cache=state.cache)
         app.state.llmctl = state
         metrics.watch_engines(manager)
@@ -67,6 +71,8 @@ def create_app(settings: Settings | None = None, models: ModelsConfig | None = N
             await manager.close()
             await cache.close()
             await logstore.close()
+            if state.key_reader is not None:
+                state.key_reader.close()
             if redis is not None:
                 await redis.close()
             db.dispose()
@@ -77,4 +83,5 @@ def create_app(settings: Settings | None = None, models: ModelsConfig | None = N
     errors.install(app)
     for module in (health, generate, openai, model_routes, usage_routes, admin):
         app.include_router(module.router)
+    bodies.install_schemas(app, [GenerateRequest, CompletionRequest, ChatCompletionRequest])
     return app

@@ -1,18 +1,25 @@
-"""Small `Depends` aliases: the app state, the calling API key, admin-only access."""
+"""Small `Depends` aliases: the app state, the calling API key, admin-only access; and
+`key_and_body`, the same checks for the routes that skip dependency solving."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
+from pydantic import BaseModel
 
+from server.api.bodies import read_json
 from server.api.state import AppState
 from server.errors import PermissionDenied
 from server.services.keys import KeyInfo, verify_key
 
+M = TypeVar("M", bound=BaseModel)
 
-def get_state(request: Request) -> AppState:
+
+async def get_state(request: Request) -> AppState:
+    # async: FastAPI runs a plain `def` dependency in the threadpool, a thread hop
+    # per request for an attribute read.
     return request.app.state.llmctl
 
 
@@ -31,11 +38,17 @@ def presented_secret(request: Request) -> str | None:
 
 
 async def authenticate(request: Request, state: State) -> KeyInfo:
+    return await authenticate_request(request, state)
+
+
+async def authenticate_request(request: Request, state: AppState) -> KeyInfo:
+    """The calling key (also called directly by the completion routes, which skip
+    FastAPI's dependency solving)."""
     secret = presented_secret(request)
     if state.db.is_sqlite:
         # Embedded SQLite answers an indexed read in microseconds and, in WAL mode,
         # never waits for writers: inline, without a thread hop (the cache-hit path).
-        key = verify_key(state.db, secret)
+        key = verify_key(state.db, secret, reader=state.key_reader)
     else:
         # A server database is a network round trip: never on the event loop.
         key = await asyncio.to_thread(verify_key, state.db, secret)
@@ -48,7 +61,20 @@ async def authenticate(request: Request, state: State) -> KeyInfo:
 CurrentKey = Annotated[KeyInfo, Depends(authenticate)]
 
 
-def require_admin(key: CurrentKey) -> KeyInfo:
+async def key_and_body(request: Request, model: type[M]) -> tuple[AppState, KeyInfo, M]:
+    """The app state, the calling key and the validated JSON body, checked in the order
+    FastAPI's parameters would be (malformed JSON, then the key, then the fields), for
+    the completion routes, which skip FastAPI's dependency solving and body parameters
+    (server/api/bodies.py)."""
+    state = request.app.state.llmctl
+    body, invalid = await read_json(request, model)
+    key = await authenticate_request(request, state)
+    if invalid is not None:
+        raise invalid
+    return state, key, body
+
+
+async def require_admin(key: CurrentKey) -> KeyInfo:
     if not key.is_admin:
         raise PermissionDenied("this route needs an admin key")
     return key

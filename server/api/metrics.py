@@ -27,6 +27,20 @@ LOG_WRITE_ERRORS = Counter("llmctl_request_log_write_errors_total", "Failed requ
                            "flushes (retried).")
 
 
+_REQUEST_SERIES: dict[tuple[str, str, int], tuple] = {}
+
+
+def observe_request(route: str, model: str, status: int, seconds: float) -> None:
+    """REQUESTS and LATENCY for one finished request. The labelled children are looked
+    up once per label set: `labels()` validates and takes a lock on every call."""
+    series = _REQUEST_SERIES.get((route, model, status))
+    if series is None:
+        series = _REQUEST_SERIES[(route, model, status)] = (
+            REQUESTS.labels(route, model, str(status)), LATENCY.labels(route, model))
+    series[0].inc()
+    series[1].observe(seconds)
+
+
 class EngineCollector(Collector):
     """Reads queue depth and batch size from the engines at scrape time."""
 

@@ -7,8 +7,8 @@ the response is finished, streamed or not, successful or not.
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 
 from server.api import metrics
 from server.services.logstore import RequestRecord
@@ -30,7 +30,8 @@ def _as_json(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
 
 
 def new_request_id() -> str:
-    return "req_" + uuid.uuid4().hex
+    # 128 random bits as 32 hex digits, like uuid4().hex at a third of the cost.
+    return "req_" + os.urandom(16).hex()
 
 
 class RequestContextMiddleware:
@@ -64,8 +65,7 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             model = (record.model if record else None) or ""
-            metrics.REQUESTS.labels(route, model, str(status)).inc()
-            metrics.LATENCY.labels(route, model).observe(elapsed)
+            metrics.observe_request(route, model, status, elapsed)
             if record is not None:
                 record.route = route if route != "unmatched" else scope["path"][:64]
                 record.status = record.status or status

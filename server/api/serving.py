@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from server.api import metrics
+from server.api.tokencounts import TokenCounts
 from server.config import ModelSpec
 from server.engines.base import (
     Completion,
@@ -87,6 +88,12 @@ class Outcome:
 
 
 _ID_PREFIX = {"generate": "gen-", "completions": "cmpl-", "chat": "chatcmpl-"}
+_PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
+
+
+def _fields(params: SamplingParams) -> dict:
+    """dataclasses.asdict without its deep copy (the fields are immutable values)."""
+    return {name: getattr(params, name) for name in _PARAM_FIELDS}
 
 
 class Gateway:
@@ -95,6 +102,7 @@ class Gateway:
         self.manager = manager
         self.limiter = limiter
         self.cache = cache
+        self.counts = TokenCounts()
 
     # --- preparation: everything that can be refused before any work is done
 
@@ -150,8 +158,7 @@ class Gateway:
             api=api, spec=spec, engine=engine, requests=requests, prompt_texts=texts,
             prompt_tokens=sum(c or 0 for c in counts),
             reserve_tokens=sum(known) * n + params.max_new_tokens * len(requests),
-            cache_params={**dataclasses.asdict(params), "n": n, "echo": echo_logprobs,
-                          "api": api},
+            cache_params={**_fields(params), "n": n, "echo": echo_logprobs, "api": api},
             policy=policy or CachePolicy(),
             id=_ID_PREFIX[api] + uuid.uuid4().hex, created=int(time.time()),
         )
@@ -159,12 +166,11 @@ class Gateway:
             record.prompt = "\n".join(texts)
         return call
 
-    @staticmethod
-    def _count(engine: ModelEngine, prompt, text: str, chat: bool) -> int | None:
+    def _count(self, engine: ModelEngine, prompt, text: str, chat: bool) -> int | None:
         if isinstance(prompt, list):
             return len(prompt)
         # A rendered chat template already holds its special tokens (a BOS, say).
-        return engine.count_tokens(text, add_special_tokens=not chat)
+        return self.counts.count(engine, text, add_special_tokens=not chat)
 
     # --- admission, cache and settlement
 

@@ -22,4 +22,6 @@ class AppState:
     limiter: Any = None  # server.services.limits.Limiter
     cache: Any = None  # server.services.cache.CompletionCache
     gateway: Any = None  # server.api.serving.Gateway
+    # embedded SQLite: the request path's own read-only connection for API keys
+    key_reader: Any = None  # server.services.sqlitereader.SqliteReader
     started_at: int = 0

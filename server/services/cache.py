@@ -32,7 +32,6 @@ import hashlib
 import json
 import logging
 import secrets
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -47,6 +46,8 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from server.db.tables import CompletionCache as Entry
 from server.db.tables import RequestLog, utcnow
 from server.errors import InvalidRequest
+from server.services import sqlitereader
+from server.services.sqlitereader import SqliteReader
 
 log = logging.getLogger("llmctl.cache")
 
@@ -58,6 +59,18 @@ CACHE_REQUESTS = Counter(
     "llmctl_cache_requests_total", "Completion cache lookups by layer and result.",
     ["layer", "result"],
 )
+
+_SERIES: dict[tuple[str, str], Any] = {}
+
+
+def _count(layer: str, result: str) -> None:
+    """One CACHE_REQUESTS increment; the child is looked up once per label pair
+    (`labels()` validates and locks on every call)."""
+    series = _SERIES.get((layer, result))
+    if series is None:
+        series = _SERIES[(layer, result)] = CACHE_REQUESTS.labels(layer, result)
+    series.inc()
+
 
 REDIS_PREFIX = "llmctl:cache:"
 LOCK_PREFIX = "llmctl:cache-lock:"
@@ -262,10 +275,8 @@ class CompletionCache:
         # SQLite reads are microseconds and never wait on writers (WAL): run them
         # inline, on a read-only connection of the cache's own (the hit path's
         # biggest cost after the web framework). Server databases go through a thread.
-        self._sqlite: _SqliteReader | None = None
-        if getattr(db, "is_sqlite", False) and db.engine.url.database not in (None, "",
-                                                                             ":memory:"):
-            self._sqlite = _SqliteReader(db)
+        self._sqlite: _SqliteEntries | None = (
+            _SqliteEntries(SqliteReader(db)) if sqlitereader.usable(db) else None)
 
     # ----- lifecycle
 
@@ -332,7 +343,7 @@ class CompletionCache:
 
     @staticmethod
     def record_bypass() -> None:
-        CACHE_REQUESTS.labels("none", "bypass").inc()
+        _count("none", "bypass")
 
     # ----- lookups
 
@@ -344,17 +355,17 @@ class CompletionCache:
                 value = json.loads(raw)
                 self._note_hit(ck.key)
                 if record:
-                    CACHE_REQUESTS.labels("redis", "hit").inc()
+                    _count("redis", "hit")
                 return value, "redis"
         row = await self._db_read(ck.key)
         if row is None:
             if record:
-                CACHE_REQUESTS.labels("db", "miss").inc()
+                _count("db", "miss")
             return None, None
         value, expires_at = row
         self._note_hit(ck.key)
         if record:
-            CACHE_REQUESTS.labels("db", "hit").inc()
+            _count("db", "hit")
         if self._redis_usable:
             self._repopulate(ck, value, expires_at)
         return value, "db"
@@ -364,7 +375,7 @@ class CompletionCache:
         miss is not (the flight that follows counts it)."""
         value, layer = await self.get(ck, record=False)
         if value is not None:
-            CACHE_REQUESTS.labels(layer, "hit").inc()
+            _count(layer, "hit")
         return value, layer
 
     @asynccontextmanager
@@ -401,7 +412,7 @@ class CompletionCache:
         while True:
             value, layer = await self.get(ck, record=False)
             if value is not None:
-                CACHE_REQUESTS.labels(layer, "hit").inc()
+                _count(layer, "hit")
                 return Flight(self, ck, store, value=value, layer=layer)
             fut = self._inflight.get(ck.key)
             if fut is not None:
@@ -409,7 +420,7 @@ class CompletionCache:
                     value = await asyncio.shield(fut)
                 except _Abandoned:
                     continue
-                CACHE_REQUESTS.labels("flight", "hit").inc()
+                _count("flight", "hit")
                 return Flight(self, ck, store, value=value, layer="flight")
             fut = asyncio.get_running_loop().create_future()
             self._inflight[ck.key] = fut
@@ -424,7 +435,7 @@ class CompletionCache:
                 # flight between our lookup and our taking the lead.
                 value, layer = await self.get(ck, record=False)
                 if value is None:
-                    CACHE_REQUESTS.labels("db", "miss").inc()
+                    _count("db", "miss")
                     return f
                 await self._release_lock(f)
                 got = value
@@ -433,7 +444,7 @@ class CompletionCache:
                 f.leader, f._done = False, True
                 f.value, f.layer = got, "flight"
                 f._release_local(value=got)
-                CACHE_REQUESTS.labels("flight", "hit").inc()
+                _count("flight", "hit")
                 return f
             f._done = True
             f._release_local()
@@ -662,24 +673,17 @@ def _read_entry(db, key: str) -> tuple[dict, datetime | None] | None:
     return row.response, row.expires_at
 
 
-class _SqliteReader:
-    """One read-only sqlite3 connection for lookups on the event loop (WAL: readers
-    never wait for the log writer or the cache's own writes)."""
+class _SqliteEntries:
+    """Entry lookups on the event loop, through the cache's own read-only connection
+    (WAL: readers never wait for the log writer or the cache's own writes)."""
 
     SQL = "SELECT response, expires_at FROM completion_cache WHERE cache_key = ?"
 
-    def __init__(self, db):
-        self.db = db
-        self.path = db.engine.url.database
-        self._conn: sqlite3.Connection | None = None
+    def __init__(self, reader: SqliteReader):
+        self.reader = reader
 
     def read(self, key: str) -> tuple[dict, datetime | None] | None:
-        if self._conn is None:
-            self.db.ensure_schema()
-            self._conn = sqlite3.connect(self.path, check_same_thread=False,
-                                         isolation_level=None)
-            self._conn.execute("PRAGMA query_only=ON")
-        row = self._conn.execute(self.SQL, (key,)).fetchone()
+        row = self.reader.one(self.SQL, (key,))
         if row is None:
             return None
         raw, expires = row
@@ -689,9 +693,7 @@ class _SqliteReader:
         return (json.loads(raw) if isinstance(raw, str | bytes) else raw), expires_at
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        self.reader.close()
 
 
 _HITS = (update(Entry).where(Entry.cache_key == bindparam("k"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import re
 import secrets
 from dataclasses import asdict, dataclass
@@ -20,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 
 from server.db.tables import ApiKey, utcnow
 from server.errors import AuthenticationError, Conflict, InvalidRequest, NotFound
+from server.services.sqlitereader import SqliteReader
 
 SECRET_PREFIX = "llm_"
 PREFIX_LEN = 12  # "llm_" + 8 characters shown in lists and logs
@@ -222,23 +224,54 @@ def rotate_key(db, ref: str | int) -> CreatedKey:
 
 
 _BY_HASH = select(ApiKey.__table__).where(ApiKey.key_hash == bindparam("h"))
+_KEY_FIELDS = ("id", "name", "prefix", "role", "allowed_models", "rpm", "tpm",
+               "max_concurrency", "monthly_token_quota", "expires_at", "revoked_at",
+               "created_at", "last_used_at")
+_BY_HASH_SQL = f"SELECT key_hash, {', '.join(_KEY_FIELDS)} FROM api_keys WHERE key_hash = ?"
 
 
-def verify_key(db, secret: str | None) -> KeyInfo:
-    """The active key for a presented secret, or AuthenticationError."""
+def _find(db, digest: str) -> tuple[str, KeyInfo] | None:
+    db.ensure_schema()
+    with db.engine.connect() as conn:
+        row = conn.execute(_BY_HASH, {"h": digest}).first()
+    return None if row is None else (row.key_hash, KeyInfo.from_row(row))
+
+
+def _when(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+def _find_sqlite(reader: SqliteReader, digest: str) -> tuple[str, KeyInfo] | None:
+    """`_find` through a plain sqlite3 connection: the same row, converted the way
+    SQLAlchemy's column types would (JSON text, ISO datetimes)."""
+    row = reader.one(_BY_HASH_SQL, (digest,))
+    if row is None:
+        return None
+    (key_hash, id_, name, prefix, role, models, rpm, tpm, conc, quota, expires, revoked,
+     created, last_used) = row
+    models = json.loads(models) if models is not None else None
+    return key_hash, KeyInfo(
+        id=id_, name=name, prefix=prefix, role=role,
+        allowed_models=list(models) if models else None, rpm=rpm, tpm=tpm,
+        max_concurrency=conc, monthly_token_quota=quota, expires_at=_when(expires),
+        revoked_at=_when(revoked), created_at=_when(created), last_used_at=_when(last_used))
+
+
+def verify_key(db, secret: str | None, *, reader: SqliteReader | None = None) -> KeyInfo:
+    """The active key for a presented secret, or AuthenticationError.
+
+    `reader` (embedded SQLite only) reads the row through a plain sqlite3
+    connection instead of SQLAlchemy: the request path runs this on every request."""
     if not secret:
         raise AuthenticationError(
             "no API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
     digest = hash_secret(secret)
-    # Core, not an ORM session: this runs on every request (the cache-hit path).
-    db.ensure_schema()
-    with db.engine.connect() as conn:
-        row = conn.execute(_BY_HASH, {"h": digest}).first()
+    found = _find_sqlite(reader, digest) if reader is not None else _find(db, digest)
     # The lookup is by hash; compare again in constant time so timing says
     # nothing about how much of a guess matched.
-    if row is None or not hmac.compare_digest(row.key_hash, digest):
+    if found is None or not hmac.compare_digest(found[0], digest):
         raise AuthenticationError("invalid API key")
-    info = KeyInfo.from_row(row)
+    info = found[1]
     if info.state == "revoked":
         raise AuthenticationError("this API key has been revoked", code="key_revoked")
     if info.state == "expired":

@@ -6,7 +6,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from server.api import sse
-from server.api.deps import CurrentKey, State
+from server.api.bodies import documented
+from server.api.deps import key_and_body
 from server.api.protocol import GenerateRequest
 from server.api.serving import CachePolicy
 from server.engines.base import Completion, SamplingParams
@@ -19,8 +20,10 @@ def _usage(prompt: int, completion: int) -> dict:
             "total_tokens": prompt + completion}
 
 
-@router.post("/v1/generate")
-async def generate(body: GenerateRequest, request: Request, key: CurrentKey, state: State):
+@router.post("/v1/generate", openapi_extra=documented(GenerateRequest))
+async def generate(request: Request):
+    # Key and body through deps.key_and_body, not parameters: see routes/openai.py.
+    state, key, body = await key_and_body(request, GenerateRequest)
     record = request.state.record
     policy = CachePolicy.from_headers(request.headers, state.settings.cache_enabled and body.cache)
     params = SamplingParams(
