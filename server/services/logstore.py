@@ -10,12 +10,13 @@ loses nothing. A failed write is retried with the same rows.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 from operator import attrgetter
 
-from sqlalchemy import update
+from sqlalchemy import bindparam, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from server.db.tables import ApiKey, RequestLog, UsageMonthly, utcnow
@@ -58,28 +59,53 @@ _USAGE = ("requests", "cached_requests", "prompt_tokens", "completion_tokens",
           "charged_tokens")
 
 
-def _upsert_usage(session, dialect: str, rows: list[dict]) -> None:
+@functools.lru_cache(maxsize=4)
+def _usage_upsert(dialect: str):
+    """One row's upsert into usage_monthly, with bound parameters: built once, so a
+    batch runs it as an executemany without compiling a statement each time."""
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = insert(UsageMonthly).values(rows)
+    stmt = insert(UsageMonthly).values(
+        {c: bindparam(c) for c in ("key_id", "month", "model", *_USAGE)})
     added = {c: getattr(UsageMonthly, c) + getattr(stmt.excluded, c) for c in _USAGE}
-    session.execute(stmt.on_conflict_do_update(index_elements=["key_id", "month", "model"],
-                                               set_=added))
+    return stmt.on_conflict_do_update(index_elements=["key_id", "month", "model"], set_=added)
 
 
-def _insert_sql(dialect) -> str:
-    mark = "?" if dialect.paramstyle == "qmark" else "%s"
+_TOUCH_KEY = (update(ApiKey).where(ApiKey.id == bindparam("k"))
+              .values(last_used_at=bindparam("t")))
+
+
+# Rows per INSERT statement: 19 columns x 200 rows stays far below SQLite's (32,766)
+# and Postgres's (65,535) limits on bound parameters.
+_ROWS_PER_INSERT = 200
+
+
+@functools.lru_cache(maxsize=16)
+def _insert_sql(paramstyle: str, rows: int) -> str:
+    mark = "?" if paramstyle == "qmark" else "%s"
+    row = f"({', '.join(mark for _ in _COLUMNS)})"
     return (f"INSERT INTO {RequestLog.__tablename__} ({', '.join(_COLUMNS)}) "
-            f"VALUES ({', '.join(mark for _ in _COLUMNS)})")
+            f"VALUES {', '.join(row for _ in range(rows))}")
 
 
-def _values(records: list[RequestRecord], sqlite_dates: bool) -> list[tuple]:
-    """Driver parameters, one tuple per row. The rows go to the driver's executemany
-    as they are: through SQLAlchemy's bind processing they cost ~3x the CPU, most of
-    it holding the GIL the event loop needs. The only column that needs converting is
-    the timestamp on SQLite, stored as SQLAlchemy stores it (ISO, microseconds)."""
-    if sqlite_dates:
-        return [(*_FIELDS(r), r.created_at.isoformat(" ", "microseconds")) for r in records]
-    return [(*_FIELDS(r), r.created_at) for r in records]
+def _insert_rows(conn, dialect, records: list[RequestRecord]) -> None:
+    """The rows, as multi-row INSERTs of plain driver parameters.
+
+    This runs in a thread beside the event loop, so what matters is how long it holds
+    the GIL and how often it hands it over. SQLAlchemy's per-row bind processing held
+    it ~3x longer than the insert itself; a driver executemany gives it up and takes
+    it back around every row, which is a thread switch for the event loop each time.
+    One statement per 200 rows binds in C and releases the GIL once. The only value
+    that needs converting is the timestamp on SQLite, stored as SQLAlchemy stores it
+    (ISO, microseconds)."""
+    sqlite_dates = dialect.name == "sqlite"
+    for i in range(0, len(records), _ROWS_PER_INSERT):
+        chunk = records[i:i + _ROWS_PER_INSERT]
+        params: list = []
+        for r in chunk:
+            params += _FIELDS(r)
+            params.append(r.created_at.isoformat(" ", "microseconds") if sqlite_dates
+                          else r.created_at)
+        conn.exec_driver_sql(_insert_sql(dialect.paramstyle, len(chunk)), tuple(params))
 
 
 def write_batch(db, records: list[RequestRecord]) -> None:
@@ -107,15 +133,14 @@ def write_batch(db, records: list[RequestRecord]) -> None:
         u[4] += r.charged_tokens
     dialect = db.engine.dialect
     with db.session() as s:
-        s.connection().exec_driver_sql(_insert_sql(dialect),
-                                       _values(records, dialect.name == "sqlite"))
+        conn = s.connection()  # Core executemany; the ORM would treat these as bulk ops
+        _insert_rows(conn, dialect, records)
         if usage:
-            rows = [{"key_id": k, "month": f"{y:04d}-{m:02d}", "model": model,
-                     **dict(zip(_USAGE, v, strict=True))}
-                    for (k, y, m, model), v in usage.items()]
-            _upsert_usage(s, dialect.name, rows)
-        for key_id, when in last_used.items():
-            s.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=when))
+            conn.execute(_usage_upsert(dialect.name), [
+                {"key_id": k, "month": f"{y:04d}-{m:02d}", "model": model,
+                 **dict(zip(_USAGE, v, strict=True))} for (k, y, m, model), v in usage.items()])
+        if last_used:
+            conn.execute(_TOUCH_KEY, [{"k": k, "t": t} for k, t in last_used.items()])
 
 
 class LogStore:
