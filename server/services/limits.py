@@ -272,13 +272,15 @@ class Admission:
     (later calls do nothing), even from a cancelled task."""
 
     def __init__(self, limiter: Limiter, key: KeyInfo, *, backend: str | None, member: str,
-                 reserve: int, tpm: int, month: str, quota_held: bool, headers: dict[str, str]):
+                 reserve: int, tpm: int, month: str, quota_held: bool, headers: dict[str, str],
+                 leased: bool = False):
         self._limiter = limiter
         self.key = key
         self.backend = backend  # "redis", "local" or None (no rate limits)
         self.member = member
         self.reserve = reserve
         self.tpm = tpm
+        self.leased = leased  # holds an in-flight slot in Redis
         self.month = month
         self.quota_held = quota_held
         self.headers = headers
@@ -292,14 +294,22 @@ class Admission:
             return
         self.settled = True
         self.charged = max(0, int(charged_tokens))
-        if self.backend != "redis" and not self.quota_held:
-            # In-memory limits and no quota: nothing to wait for, so settle here; a
-            # shield would schedule a task and a loop turn for it (the cache-hit path).
+        if not self.quota_held and not self.redis_work(self.charged, undo_request=False):
+            # Nothing to wait for (in-memory limits, or nothing Redis must change, and
+            # no quota): settle here; a shield would schedule a task and a loop turn
+            # for it (the cache-hit path).
             self._limiter._settle_local(self, self.charged, undo_request=False)
             return
         # Shielded: a client disconnect cancels the request task, but its slot and
         # reservation must still be given back.
         await asyncio.shield(self._limiter._settle(self, self.charged, undo_request=False))
+
+    def redis_work(self, charged: int, *, undo_request: bool) -> bool:
+        """Whether settling changes anything in Redis (SETTLE_LUA): taking the request
+        back, refunding or charging the token bucket, or freeing an in-flight slot. A
+        free cache hit under RPM/TPM limits changes nothing there."""
+        return self.backend == "redis" and (
+            undo_request or self.leased or (self.tpm > 0 and self.reserve != charged))
 
 
 class Limiter:
@@ -336,7 +346,8 @@ class Limiter:
                 self._reject(key, check, rpm, tpm, conc, reserve)
         headers = _headers(rpm, tpm, check)
         adm = Admission(self, key, backend=backend, member=member, reserve=reserve, tpm=tpm,
-                        month=month, quota_held=False, headers=headers)
+                        month=month, quota_held=False, headers=headers,
+                        leased=backend == "redis" and conc > 0)
         if quota:
             try:
                 held = await asyncio.to_thread(quotas.reserve, self.db, key.id, month, reserve,
@@ -428,7 +439,7 @@ class Limiter:
         try:
             if adm.backend == "local":
                 self.local.settle(adm.key.id, adm.tpm, refund, adm.member, undo_request)
-            elif adm.backend == "redis":
+            elif adm.redis_work(charged, undo_request=undo_request):
                 self._leases.pop(adm.member, None)
 
                 async def shared(_client):
