@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -160,7 +160,7 @@ class Gateway:
             reserve_tokens=sum(known) * n + params.max_new_tokens * len(requests),
             cache_params={**_fields(params), "n": n, "echo": echo_logprobs, "api": api},
             policy=policy or CachePolicy(),
-            id=_ID_PREFIX[api] + uuid.uuid4().hex, created=int(time.time()),
+            id=_ID_PREFIX[api] + os.urandom(16).hex(), created=int(time.time()),
         )
         if record is not None:
             record.prompt = "\n".join(texts)

@@ -2,38 +2,31 @@
 
 Every request counts its prompt before anything else (the context check, the
 usage it reports), a cache hit included; for a short prompt the tokenizer's encode
-is the largest single cost of a hit. A count is a pure function of the engine's
+was the largest single cost of a hit. A count is a pure function of the engine's
 tokenizer and the text, so a repeated prompt (what a cache hit is) need not be
-encoded again. Held: at most `max_chars` characters of text, after which the memo
-starts over; texts longer than `max_text` are always counted afresh.
+encoded again. Held: at most `max_chars` characters of text (services/memo.py);
+texts longer than `max_text` are always counted afresh.
 """
 
 from __future__ import annotations
 
 from server.engines.base import ModelEngine
-
-_UNSEEN = object()
+from server.services.memo import MISSING, Memo
 
 
 class TokenCounts:
     def __init__(self, *, max_chars: int = 2_000_000, max_text: int = 32_768):
-        self.max_chars = max_chars
         self.max_text = max_text
         # (engine, add_special_tokens, text) -> count. Engines live as long as the app
         # (the manager never replaces one), so holding them here changes nothing.
-        self._counts: dict[tuple[ModelEngine, bool, str], int | None] = {}
-        self._chars = 0
+        self._counts = Memo(max_size=max_chars)
 
     def count(self, engine: ModelEngine, text: str, *, add_special_tokens: bool) -> int | None:
         if len(text) > self.max_text:
             return engine.count_tokens(text, add_special_tokens=add_special_tokens)
         key = (engine, add_special_tokens, text)
-        count = self._counts.get(key, _UNSEEN)
-        if count is _UNSEEN:
+        count = self._counts.get(key)
+        if count is MISSING:
             count = engine.count_tokens(text, add_special_tokens=add_special_tokens)
-            if self._chars + len(text) > self.max_chars:
-                self._counts.clear()
-                self._chars = 0
-            self._counts[key] = count
-            self._chars += len(text)
+            self._counts.put(key, count, len(text))
         return count

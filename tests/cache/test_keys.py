@@ -4,6 +4,7 @@ import pytest
 
 from server.errors import InvalidRequest
 from server.services.cache import CompletionCache, parse_controls, prompt_hash
+from server.services.memo import MISSING, Memo
 from tests.cache.conftest import make_settings
 
 BASE = dict(max_tokens=16, stop=["\n"], temperature=0, top_p=1.0, top_k=0, seed=None,
@@ -104,3 +105,38 @@ def test_model_id_goes_into_the_key_and_the_name_is_stored(cache):
 
 def test_a_batch_of_prompts_is_one_key():
     assert prompt_hash(["a", "b"]) != prompt_hash(["b", "a"]) != prompt_hash("ab")
+
+
+@pytest.mark.parametrize("scope", ["global", "key"])
+def test_remembered_keys_are_the_derived_ones(scope):
+    """key_for remembers its digests for inputs it can compare exactly: a remembered
+    key equals a fresh derivation, and values Python calls equal but the digests do
+    not (1, 1.0, True) never share one."""
+    warm = CompletionCache(make_settings(cache_scope=scope), db=None)
+    cases = [{}, {"top_k": 1}, {"top_k": 1.0}, {"top_k": True}, {"stop": ("a",)},
+             {"stop": ()}, {"seed": 1, "temperature": 0.5}, {"seed": True, "temperature": 0.5},
+             {"prompt": ["Hello"]}, {"prompt": ("Hello",)}, {"prompt": [1, 2]},
+             {"key_id": 1}, {"key_id": 2}, {"model": "other"}, {"revision": "r1"}]
+    for _ in range(2):  # the second round is answered from memory where it can be
+        for kw in cases:
+            settings = make_settings(cache_scope=scope)
+            want = key(CompletionCache(settings, db=None), **kw)
+            assert key(warm, **kw) == want, kw
+    assert len(warm._keys) > 0
+    assert key(warm, top_k=True).key != key(warm, top_k=1).key
+    assert key(warm, top_k=1.0).key == key(warm, top_k=1).key
+
+
+def test_memo_is_bounded():
+    memo = Memo(max_entries=3, max_size=10)
+    memo.put("a", 1, 4)
+    memo.put("b", 2, 4)
+    assert memo.get("a") == 1 and memo.get("b") == 2
+    memo.put("c", 3, 4)  # past the size budget: it starts over
+    assert memo.get("a") is MISSING and memo.get("c") == 3 and len(memo) == 1
+    memo.put("d", 4)
+    memo.put("e", 5)
+    memo.put("f", 6)  # past the entry budget
+    assert len(memo) == 1 and memo.get("f") == 6
+    memo.put("huge", 0, 11)  # larger than the whole budget: never kept
+    assert memo.get("huge") is MISSING
