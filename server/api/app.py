@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from server.api import bodies, errors, metrics
+from server.api.direct import DirectRoutes, direct_routes
 from server.api.middleware import RequestContextMiddleware
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
 from server.api.routes import admin, generate, health, openai
@@ -26,6 +27,7 @@ from server.db.engine import Database
 from server.engines.manager import EngineFactory, MultiModelManager, default_engine_factory
 from server.services import sqlitereader
 from server.services.cache import CompletionCache
+from server.services.keys import KeyLookup
 from server.services.limits import Limiter
 from server.services.logstore import LogStore
 from server.services.redisconn import RedisHandle
@@ -54,10 +56,11 @@ def create_app(settings: Settings | None = None, models: ModelsConfig | None = N
         limiter = Limiter(settings, db, redis)
         cache = CompletionCache(settings, db, redis)
         await cache.start()
+        key_lookup = KeyLookup(SqliteReader(db)) if sqlitereader.usable(db) else None
         state = AppState(settings=settings, models=models, db=db, manager=manager,
                          logstore=logstore, redis=redis, limiter=limiter, cache=cache,
                          started_at=int(time.time()),
-                         key_reader=SqliteReader(db) if sqlitereader.usable(db) else None)
+                         key_lookup=key_lookup)
         state.gateway = Gateway(settings, manager, limiter=limiter, cache=state.cache)
         app.state.llmctl = state
         metrics.watch_engines(manager)
@@ -71,17 +74,20 @@ def create_app(settings: Settings | None = None, models: ModelsConfig | None = N
             await manager.close()
             await cache.close()
             await logstore.close()
-            if state.key_reader is not None:
-                state.key_reader.close()
+            if state.key_lookup is not None:
+                state.key_lookup.close()
             if redis is not None:
                 await redis.close()
             db.dispose()
 
     app = FastAPI(title="llmctl", version="0.1.0", lifespan=lifespan,
                   docs_url="/docs", redoc_url=None)
-    app.add_middleware(RequestContextMiddleware)
     errors.install(app)
     for module in (health, generate, openai, model_routes, usage_routes, admin):
         app.include_router(module.router)
     bodies.install_schemas(app, [GenerateRequest, CompletionRequest, ChatCompletionRequest])
+    # Innermost first: the request context wraps the completion routes' direct dispatch.
+    app.add_middleware(DirectRoutes, routes=direct_routes(generate.router, openai.router),
+                       handlers=app.exception_handlers)
+    app.add_middleware(RequestContextMiddleware)
     return app

@@ -48,7 +48,7 @@ async def authenticate_request(request: Request, state: AppState) -> KeyInfo:
     if state.db.is_sqlite:
         # Embedded SQLite answers an indexed read in microseconds and, in WAL mode,
         # never waits for writers: inline, without a thread hop (the cache-hit path).
-        key = verify_key(state.db, secret, reader=state.key_reader)
+        key = verify_key(state.db, secret, lookup=state.key_lookup)
     else:
         # A server database is a network round trip: never on the event loop.
         key = await asyncio.to_thread(verify_key, state.db, secret)

@@ -22,6 +22,6 @@ class AppState:
     limiter: Any = None  # server.services.limits.Limiter
     cache: Any = None  # server.services.cache.CompletionCache
     gateway: Any = None  # server.api.serving.Gateway
-    # embedded SQLite: the request path's own read-only connection for API keys
-    key_reader: Any = None  # server.services.sqlitereader.SqliteReader
+    # embedded SQLite: the request path's key reads (server.services.keys.KeyLookup)
+    key_lookup: Any = None
     started_at: int = 0

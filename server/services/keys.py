@@ -257,16 +257,53 @@ def _find_sqlite(reader: SqliteReader, digest: str) -> tuple[str, KeyInfo] | Non
         revoked_at=_when(revoked), created_at=_when(created), last_used_at=_when(last_used))
 
 
-def verify_key(db, secret: str | None, *, reader: SqliteReader | None = None) -> KeyInfo:
+class KeyLookup:
+    """`_find_sqlite` for the request path, remembering what it read until the database
+    changes.
+
+    Every request reads its key; most requests present a key seen a moment ago. A
+    remembered row is used only while the database's data_version is unchanged, i.e.
+    until any connection in any process commits (a revoke, a rotation, a limit change,
+    or just the request-log writer, a few times a second), so nothing is ever served
+    stale: a changed key is read again on its next request. Expiry is checked on every
+    request (verify_key), as before."""
+
+    def __init__(self, reader: SqliteReader, *, max_entries: int = 10_000):
+        self.reader = reader
+        self.max_entries = max_entries
+        self._version: int | None = None
+        self._found: dict[str, tuple[str, KeyInfo] | None] = {}
+
+    def find(self, digest: str) -> tuple[str, KeyInfo] | None:
+        version = self.reader.data_version()
+        if version != self._version:
+            self._found.clear()
+            self._version = version
+        found = self._found.get(digest, _UNREAD)
+        if found is _UNREAD:
+            found = _find_sqlite(self.reader, digest)
+            if len(self._found) < self.max_entries:
+                self._found[digest] = found
+        return found
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+_UNREAD = object()
+
+
+def verify_key(db, secret: str | None, *, lookup: KeyLookup | None = None) -> KeyInfo:
     """The active key for a presented secret, or AuthenticationError.
 
-    `reader` (embedded SQLite only) reads the row through a plain sqlite3
-    connection instead of SQLAlchemy: the request path runs this on every request."""
+    `lookup` (embedded SQLite only) reads through a plain sqlite3 connection and
+    remembers rows until the database changes: the request path runs this on every
+    request."""
     if not secret:
         raise AuthenticationError(
             "no API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
     digest = hash_secret(secret)
-    found = _find_sqlite(reader, digest) if reader is not None else _find(db, digest)
+    found = lookup.find(digest) if lookup is not None else _find(db, digest)
     # The lookup is by hash; compare again in constant time so timing says
     # nothing about how much of a guess matched.
     if found is None or not hmac.compare_digest(found[0], digest):

@@ -39,6 +39,12 @@ class SqliteReader:
             self._conn.execute("PRAGMA query_only=ON")
         return self._conn.execute(sql, params).fetchone()
 
+    def data_version(self) -> int:
+        """A number that changes whenever another connection, in any process, commits
+        to the database (https://sqlite.org/pragma.html#pragma_data_version): what a
+        memo of earlier reads stays valid for. This connection never writes."""
+        return self.one("PRAGMA data_version", ())[0]
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
