@@ -29,6 +29,14 @@ def direct_routes(*routers: APIRouter) -> dict[str, APIRoute]:
     missing = set(DIRECT_PATHS) - set(found)
     if missing:
         raise RuntimeError(f"no POST route for {sorted(missing)}")
+    for route in found.values():
+        # Only `endpoint(request)` is called here: a dependency or parameter FastAPI
+        # would have resolved must not be skipped without anyone noticing.
+        d = route.dependant
+        if (d.dependencies or d.body_params or d.query_params or d.header_params
+                or d.cookie_params or d.path_params or route.dependencies):
+            raise RuntimeError(f"{route.path} takes parameters or dependencies; a direct "
+                               "route's endpoint may take only the Request")
     return found
 
 

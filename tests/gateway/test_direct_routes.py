@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from fastapi import APIRouter, Depends, Request
 from prometheus_client import REGISTRY
+
+from server.api.direct import direct_routes
 
 GOOD = {"model": "tiny", "prompt": "Hello", "max_tokens": 2, "temperature": 0}
 WRONG = b'{"prompt": 5, "messages": 5, "temperature": "hot"}'  # a bad field on every route
@@ -77,3 +80,25 @@ async def test_other_methods_and_routes_are_fastapis(gateway):
     assert (await client.get("/v1/models", headers=headers)).status_code == 200
     ok = await client.post("/v1/completions", json=GOOD, headers=headers)
     assert ok.status_code == 200 and ok.headers["x-llmctl-cache"] in ("miss", "hit")
+
+
+def test_a_direct_route_may_not_take_dependencies():
+    """direct.py calls only endpoint(request): a route that grew a parameter or a
+    dependency would have it skipped silently, so the app refuses to start."""
+    def fine(request: Request):
+        return None
+
+    def needs(request: Request, x: int = Depends(lambda: 1)):
+        return None
+
+    for broken in ("/v1/generate", "/v1/completions"):
+        router = APIRouter()
+        for path in ("/v1/generate", "/v1/completions", "/v1/chat/completions"):
+            router.post(path)(needs if path == broken else fine)
+        with pytest.raises(RuntimeError, match="only the Request"):
+            direct_routes(router)
+    router = APIRouter()
+    for path in ("/v1/generate", "/v1/completions", "/v1/chat/completions"):
+        router.post(path)(fine)
+    assert set(direct_routes(router)) == {"/v1/generate", "/v1/completions",
+                                          "/v1/chat/completions"}
