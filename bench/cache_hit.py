@@ -27,7 +27,12 @@ is the reference.
 
 Issue 5 asks for gateway p50 at one connection <= 3 ms, and throughput at 16
 connections >= half the bare endpoint's. The exit status is 0 when both hold with
-the first client run (httpx by default); both clients' verdicts are printed.
+every client run; each client's verdict is printed.
+
+Each window also records where the CPU went (Linux /proc): the server's CPU per
+request, and the CPU of every process that is not part of the benchmark. Another job
+on the same cores skews the comparison, so the summary says when the machine was
+busy (other processes above a tenth of a core in any window, or steal time): rerun.
 """
 
 from __future__ import annotations
@@ -183,7 +188,7 @@ async def one_connection(port: int, request: bytes, n: int, check) -> dict:
 
 
 async def many_connections(port: int, request: bytes, conns: int, seconds: float,
-                           check) -> dict:
+                           check, probe=None) -> dict:
     client = httpx.AsyncClient(limits=httpx.Limits(max_connections=conns), timeout=30)
     pool = [connection(port, request, client) for _ in range(conns)]
     for c in pool:
@@ -202,11 +207,13 @@ async def many_connections(port: int, request: bytes, conns: int, seconds: float
 
     tasks = [asyncio.create_task(worker(c)) for c in pool]
     await asyncio.sleep(min(1.0, seconds / 4))  # warm-up
+    start = probe.snapshot() if probe else ()
     state["measure"] = True
     t0 = time.perf_counter()
     await asyncio.sleep(seconds)
     state["measure"] = False
     elapsed = time.perf_counter() - t0
+    end = probe.snapshot() if probe else ()
     count = state["count"]
     state["stop"] = True
     await asyncio.gather(*tasks)
@@ -214,7 +221,8 @@ async def many_connections(port: int, request: bytes, conns: int, seconds: float
         c.close()
     await client.aclose()
     return {"connections": conns, "seconds": round(elapsed, 2), "requests": count,
-            "rps": count / elapsed, "p50_ms": statistics.median(lat), "p99_ms": pct(lat, 0.99)}
+            "rps": count / elapsed, "p50_ms": statistics.median(lat), "p99_ms": pct(lat, 0.99),
+            "cpu": probe.report(start, end, count) if probe else {}}
 
 
 def checker(expect_hit: bool):
@@ -226,9 +234,64 @@ def checker(expect_hit: bool):
     return check
 
 
-async def measure(port: int, request: bytes, check, n1: int, seconds: float) -> dict:
+# ----------------------------------------------------------------- where the CPU went
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _process_cpu(pid: int) -> float:
+    """CPU seconds of a process, all its threads (utime + stime)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def _machine_cpu() -> tuple[float, float]:
+    """(busy, steal) CPU seconds of the whole machine since boot."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = v
+    return (user + nice + system + irq + softirq) / TICK, steal / TICK
+
+
+class Probe:
+    """CPU used during a measurement window: by the server under test, by the rest of
+    the benchmark (this process, the load generator; the other server; redis-server),
+    and by everything else on the machine, which is interference (another job on the
+    two cores skews the comparison). Linux /proc only; elsewhere it reports nothing."""
+
+    def __init__(self, server: int, bench: list[int]):
+        self.server, self.bench = server, bench
+        self.enabled = os.path.exists("/proc/stat")
+
+    def snapshot(self) -> tuple:
+        if not self.enabled:
+            return ()
+        busy, steal = _machine_cpu()
+        return (time.perf_counter(), busy, steal, _process_cpu(self.server),
+                sum(_process_cpu(p) for p in self.bench))
+
+    def report(self, start: tuple, end: tuple, requests: int) -> dict:
+        if not start:
+            return {}
+        wall, busy, steal, server, bench = (b - a for a, b in zip(start, end, strict=True))
+        others = max(0.0, busy - server - bench)
+        return {"server_cpu_s": round(server, 3),
+                "server_us_per_request": round(server / max(1, requests) * 1e6, 1),
+                "bench_cpu_s": round(bench, 3), "other_processes_cpu_s": round(others, 3),
+                "other_processes_cores": round(others / wall, 3) if wall else 0.0,
+                "steal_s": round(steal, 3)}
+
+
+async def measure(port: int, request: bytes, check, n1: int, seconds: float,
+                  probe: Probe) -> dict:
+    start = probe.snapshot()
     single = await one_connection(port, request, n1, check)
-    multi = await many_connections(port, request, 16, seconds, check)
+    single["cpu"] = probe.report(start, probe.snapshot(), single["requests"])
+    multi = await many_connections(port, request, 16, seconds, check, probe)
     return {"one_connection": single, "sixteen_connections": multi}
 
 
@@ -348,13 +411,19 @@ async def run(seconds: float, n1: int, redis: str | None, clients: list[str]) ->
     try:
         bare_req = build_request("/v1/completions", BODY, {})
         gw_req = build_request("/v1/completions", BODY, {"Authorization": f"Bearer {secret}"})
+        everyone = [os.getpid(), gw.pid, bare.pid] + ([redis_proc.pid] if redis_proc else [])
+        on_bare = Probe(bare.pid, [p for p in everyone if p != bare.pid])
+        on_gw = Probe(gw.pid, [p for p in everyone if p != gw.pid])
         for client in clients:
             CLIENT["kind"] = client
             # Bare, then the gateway, then bare again: the machine drifts (other work
             # on it), and the two bare runs show how much.
-            r = {"bare": await measure(bare_port, bare_req, checker(False), n1, seconds),
-                 "gateway_hit": await measure(gw_port, gw_req, checker(True), n1, seconds),
-                 "bare_again": await measure(bare_port, bare_req, checker(False), n1, seconds)}
+            r = {"bare": await measure(bare_port, bare_req, checker(False), n1, seconds,
+                                       on_bare),
+                 "gateway_hit": await measure(gw_port, gw_req, checker(True), n1, seconds,
+                                              on_gw),
+                 "bare_again": await measure(bare_port, bare_req, checker(False), n1, seconds,
+                                             on_bare)}
             r["verdict"] = verdict(r["bare"], r["bare_again"], r["gateway_hit"])
             results[client] = r
     finally:
@@ -366,21 +435,41 @@ async def run(seconds: float, n1: int, redis: str | None, clients: list[str]) ->
     return results
 
 
+BUSY_CORES = 0.10  # other processes' CPU above this share of a core: a busy machine
+
+
+def interference(r: dict) -> tuple[float, float]:
+    """The most CPU other processes used in any measured window (in cores) and the
+    total steal time, for one client's runs."""
+    windows = [r[name][part].get("cpu", {}) for name in ("bare", "gateway_hit", "bare_again")
+               for part in ("one_connection", "sixteen_connections")]
+    return (max((w.get("other_processes_cores", 0.0) for w in windows), default=0.0),
+            sum(w.get("steal_s", 0.0) for w in windows))
+
+
 def render(results: dict) -> str:
     rows = []
     for client in results["setup"]["clients"]:
         r = results[client]
         rows += [f"client: {client}", "",
                  "| endpoint | p50 @1 conn (ms) | p99 @1 conn (ms) | req/s @16 conn | "
-                 "p50 @16 (ms) |", "|---|---|---|---|---|"]
+                 "p50 @16 (ms) | server CPU/request @16 (µs) |", "|---|---|---|---|---|---|"]
         for name in ("bare", "gateway_hit", "bare_again"):
             one, many = r[name]["one_connection"], r[name]["sixteen_connections"]
+            cpu = many.get("cpu", {}).get("server_us_per_request", float("nan"))
             rows.append(f"| {name} | {one['p50_ms']:.2f} | {one['p99_ms']:.2f} | "
-                        f"{many['rps']:.0f} | {many['p50_ms']:.2f} |")
+                        f"{many['rps']:.0f} | {many['p50_ms']:.2f} | {cpu:.0f} |")
         v = r["verdict"]
+        busy, steal = interference(r)
         rows += ["", f"gateway p50 @1 = {v['gateway_p50_1conn_ms']} ms (target <= 3); "
                      f"gateway/bare @16 = {v['ratio']} (target >= 0.5): "
-                     f"{'PASS' if v['pass'] else 'FAIL'}", ""]
+                     f"{'PASS' if v['pass'] else 'FAIL'}",
+                 f"other processes: at most {busy:.2f} of a core in any window; "
+                 f"steal {steal:.2f} s" + (" -- the machine was busy: rerun for a quiet "
+                                           "reading" if busy > BUSY_CORES or steal > 0.1
+                                           else " (quiet)"), ""]
+    every = all(results[c]["verdict"]["pass"] for c in results["setup"]["clients"])
+    rows.append(f"issue 5 item 5 with every client run: {'PASS' if every else 'FAIL'}")
     return "\n".join(rows)
 
 
@@ -404,8 +493,9 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2) if args.json else render(results))
-    # The issue's criterion, judged with the httpx client when it ran.
-    return 0 if results[clients[0]]["verdict"]["pass"] else 1
+    # The issue's criterion must hold with every client that ran (the raw one is the
+    # strict reading: the server's cost dominates).
+    return 0 if all(results[c]["verdict"]["pass"] for c in clients) else 1
 
 
 if __name__ == "__main__":
