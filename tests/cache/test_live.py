@@ -12,7 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
-BODY = {"model": "tiny", "prompt": "Two gateways, one generation:", "max_tokens": 48,
+# Long enough (the tiny model never stops early) that all 20 requests, half of them to
+# the other process, arrive while the first one is still generating.
+BODY = {"model": "tiny", "prompt": "Two gateways, one generation:", "max_tokens": 240,
         "temperature": 0}
 
 
