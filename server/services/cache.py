@@ -75,7 +75,7 @@ def _count(layer: str, result: str) -> None:
 
 REDIS_PREFIX = "llmctl:cache:"
 LOCK_PREFIX = "llmctl:cache-lock:"
-_MISSING = object()
+_REDIS_DOWN = object()
 
 
 # --------------------------------------------------------------------- keys
@@ -392,7 +392,7 @@ class CompletionCache:
         """(value, layer) with layer "redis" or "db", or (None, None) on a miss."""
         if self._redis_usable:
             raw = await self._redis(lambda r: r.get(ck.redis_key))
-            if raw is not _MISSING and raw is not None:
+            if raw is not _REDIS_DOWN and raw is not None:
                 value = json.loads(raw)
                 self._note_hit(ck.key)
                 if record:
@@ -501,7 +501,7 @@ class CompletionCache:
         lock = LOCK_PREFIX + f.ck.key
         ttl_ms = int(self.lock_ttl * 1000)
         got = await self._redis(lambda r: r.set(lock, token, nx=True, px=ttl_ms))
-        if got is _MISSING:
+        if got is _REDIS_DOWN:
             return True  # Redis just went down: lead locally
         if got:
             # Double-check: another process may have stored it between our lookup
@@ -526,7 +526,7 @@ class CompletionCache:
                     return await p.get(ck.redis_key).exists(lock).execute()
 
             res = await self._redis(poll)
-            if res is _MISSING:
+            if res is _REDIS_DOWN:
                 return True  # Redis went down while we waited: generate here
             raw, locked = res
             if raw is not None:
@@ -677,12 +677,12 @@ class CompletionCache:
         return self.redis is not None
 
     async def _redis(self, fn: Callable) -> Any:
-        """`fn(client)` through the handle; _MISSING when Redis is down or errs."""
+        """`fn(client)` through the handle; _REDIS_DOWN when Redis is down or errs."""
         try:
-            return await self.redis.run(fn, fallback=lambda: _MISSING)
+            return await self.redis.run(fn, fallback=lambda: _REDIS_DOWN)
         except Exception:  # noqa: BLE001 - a Redis failure never fails a request
             log.exception("cache: redis call failed")
-            return _MISSING
+            return _REDIS_DOWN
 
 
 _RELEASE = ("if redis.call('get', KEYS[1]) == ARGV[1] then "

@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 
 from server.db.tables import ApiKey, utcnow
 from server.errors import AuthenticationError, Conflict, InvalidRequest, NotFound
+from server.services.memo import MISSING
 from server.services.sqlitereader import SqliteReader
 
 SECRET_PREFIX = "llm_"
@@ -279,8 +280,8 @@ class KeyLookup:
         if version != self._version:
             self._found.clear()
             self._version = version
-        found = self._found.get(digest, _UNREAD)
-        if found is _UNREAD:
+        found = self._found.get(digest, MISSING)
+        if found is MISSING:
             found = _find_sqlite(self.reader, digest)
             if len(self._found) < self.max_entries:
                 self._found[digest] = found
@@ -289,8 +290,6 @@ class KeyLookup:
     def close(self) -> None:
         self.reader.close()
 
-
-_UNREAD = object()
 
 
 def verify_key(db, secret: str | None, *, lookup: KeyLookup | None = None) -> KeyInfo:

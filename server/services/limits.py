@@ -369,11 +369,11 @@ class Limiter:
 
     async def _check(self, key_id: int, rpm: int, tpm: int, conc: int, reserve: int,
                      member: str) -> tuple[str, _Check]:
-        if self.redis is None:
-            return "local", self.local.admit(key_id, rpm, tpm, conc, reserve, member)
-
         def local() -> tuple[str, _Check]:
             return "local", self.local.admit(key_id, rpm, tpm, conc, reserve, member)
+
+        if self.redis is None:
+            return local()
 
         async def shared(_client) -> tuple[str, _Check]:
             reply = await self._script_admit(keys=_redis_keys(key_id),
@@ -425,7 +425,8 @@ class Limiter:
     # ----- settling
 
     def _settle_local(self, adm: Admission, charged: int, *, undo_request: bool) -> None:
-        """`_settle` for an admission with nothing remote to settle."""
+        """The part of settling that never waits: the in-memory limits (a no-op for an
+        admission by Redis or with no rate limits)."""
         if adm.backend != "local":
             return
         try:
@@ -435,11 +436,10 @@ class Limiter:
             log.exception("settling request limits for key %s failed", adm.key.id)
 
     async def _settle(self, adm: Admission, charged: int, *, undo_request: bool) -> None:
+        self._settle_local(adm, charged, undo_request=undo_request)
         refund = adm.reserve - charged
         try:
-            if adm.backend == "local":
-                self.local.settle(adm.key.id, adm.tpm, refund, adm.member, undo_request)
-            elif adm.redis_work(charged, undo_request=undo_request):
+            if adm.redis_work(charged, undo_request=undo_request):
                 self._leases.pop(adm.member, None)
 
                 async def shared(_client):
