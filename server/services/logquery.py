@@ -158,7 +158,9 @@ def show(db, request_id: str) -> dict:
     """One entry, prompt and output included (stored only with LLMCTL_LOG_PROMPTS).
     `request_id` may be a unique prefix of the id."""
     with db.session() as s:
-        row = s.scalars(select(RequestLog).where(RequestLog.request_id == request_id)).first()
+        # Clients may reuse their X-Request-ID: the newest request with it.
+        row = s.scalars(select(RequestLog).where(RequestLog.request_id == request_id)
+                        .order_by(RequestLog.id.desc())).first()
         if row is None and request_id:
             # A prefix scan on the request_id index; two rows are enough to tell.
             pattern = request_id.replace("\\", "\\\\").replace("%", "\\%").replace(
