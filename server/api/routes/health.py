@@ -40,7 +40,7 @@ async def readyz(state: State):
         if status == "loading" or (status == "failed" and spec.name == state.models.default_model):
             checks[f"model:{spec.name}"] = {
                 "ok": False, "reason": state.manager.failure(spec) or status}
-        elif engine is not None:
+        elif engine is not None and status != "failed":
             ok, reason = await engine.health()
             checks[f"model:{spec.name}"] = {"ok": ok, "reason": reason}
         elif state.settings.preload and spec.type == "local":
