@@ -22,8 +22,8 @@ from server.errors import LlmctlError
 
 
 class _Root(TyperGroup):
-    """Turns every LlmctlError (and, under --json, every usage error) into one
-    readable line, or one JSON object, and its exit code."""
+    """Turns every LlmctlError and usage error into one readable line (one JSON
+    object under --json) and its exit code."""
 
     wants_json = False
 
@@ -42,10 +42,14 @@ class _Root(TyperGroup):
                         code=exc.code, param=exc.param, exit_code=exc.exit_code)
             raise typer.Exit(exc.exit_code) from None
         except typer.TyperException as exc:  # click's usage errors, as Typer vendors click
-            if not self.wants_json or not hasattr(exc, "format_message"):
+            if not hasattr(exc, "format_message") or type(exc).__name__ == "NoArgsIsHelpError":
                 raise
+            # Typer words a failed choice "Value error, 'root' is not one of ...".
+            message = exc.format_message().replace("Value error, ", "")
+            if (sub := getattr(exc, "ctx", None)) is not None and not self.wants_json:
+                message += f" (see '{sub.command_path} --help')"
             param = getattr(getattr(exc, "param", None), "opts", None)
-            output.fail(exc.format_message(), as_json=True, error_type="usage_error",
+            output.fail(message, as_json=self.wants_json, error_type="usage_error",
                         param=param[0] if param else None, exit_code=exc.exit_code)
             raise typer.Exit(exc.exit_code) from None
 
