@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
+import httpx
 import pytest
 from typer.testing import CliRunner
 
@@ -164,3 +166,24 @@ def test_cache_clear_counts_one_entry_in_the_singular(db):
 
     fill(db, [("a", "1", 0)])
     assert "Cleared 1 entry (all models)." in run("cache", "clear").stdout
+
+
+def test_eval_through_a_refused_url_fails_on_the_first_attempt(home):
+    from evalsuite.remote_model import OpenAIModel
+    from server.errors import UpstreamError
+
+    attempts = []
+
+    def refuse(request):
+        attempts.append(request.url.path)
+        raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+
+    model = OpenAIModel("http://127.0.0.1:1", "tiny", transport=httpx.MockTransport(refuse))
+    with pytest.raises(UpstreamError, match="Connection refused"):
+        model._post("/completions", {"prompt": "hi"})
+    assert len(attempts) == 1  # was 6, with 1+2+4+8+10 s between them
+
+    fixtures = Path(__file__).resolve().parents[2] / "evalsuite" / "fixtures" / "gsm8k"
+    result = run("eval", "gsm8k", "--model", "tiny", "--through", "http://127.0.0.1:1",
+                 "--api-key", "k", "--limit", "1", "--data", str(fixtures))
+    assert result.exit_code == 1 and "Connection refused" in result.stderr
