@@ -30,8 +30,8 @@ class _Root(TyperGroup):
     def main(self, args=None, *rest, **kwargs):
         args = list(sys.argv[1:] if args is None else args)
         # --json belongs to each subcommand; the root needs it to shape errors.
-        self.wants_json = "--json" in args[: args.index("--")] if "--" in args else (
-            "--json" in args)
+        options = args[:args.index("--")] if "--" in args else args
+        self.wants_json = "--json" in options
         return super().main(args, *rest, **kwargs)
 
     def invoke(self, ctx):

@@ -169,10 +169,12 @@ class ChatCompletionRequest(_Request):
         return {f: getattr(self, f) for f in PASSTHROUGH if getattr(self, f) is not None}
 
     def first_unsupported_by_local(self) -> str | None:
-        """The first field a local engine cannot honour: a passthrough field, or
-        `messages[i].content[j]` for a content part that is not text (an image)."""
-        for name in self.passthrough():
-            return name
+        """The first field a local engine cannot honour: a passthrough field that asks
+        for something, or `messages[i].content[j]` for a content part that is not text
+        (an image)."""
+        for name, value in self.passthrough().items():
+            if value != _NO_OP[name]:
+                return name
         for i, m in enumerate(self.messages):
             if isinstance(m.content, list):
                 for j, part in enumerate(m.content):
@@ -181,5 +183,7 @@ class ChatCompletionRequest(_Request):
         return None
 
 
-# OpenAI chat fields llmctl does not interpret itself (see passthrough).
-PASSTHROUGH = ("tools", "tool_choice", "response_format")
+# OpenAI chat fields llmctl does not interpret itself (see passthrough), and the
+# value of each that asks for nothing (some SDKs always send them).
+_NO_OP = {"tools": [], "tool_choice": "none", "response_format": {"type": "text"}}
+PASSTHROUGH = tuple(_NO_OP)

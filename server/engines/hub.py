@@ -80,7 +80,7 @@ def resolve(spec: ModelSpec) -> Source:
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE or _truthy("TRANSFORMERS_OFFLINE"):
-        return Source(spec.id, True, "HF_HUB_OFFLINE is set")
+        return Source(spec.id, True, "HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set")
     if not _reachable(constants.ENDPOINT):
         return Source(spec.id, True, f"{constants.ENDPOINT} is unreachable")
     return Source(spec.id, local_files_only=False)

@@ -94,7 +94,7 @@ async def test_tools_and_images_are_forwarded_unchanged_to_a_remote(gw):
 
 @pytest.mark.parametrize("extra, field", [
     ({"tools": TOOLS}, "tools"),
-    ({"tool_choice": "none"}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, IMAGE]}]},
      "messages[0].content[1]"),
@@ -106,6 +106,14 @@ async def test_a_local_model_refuses_what_it_would_ignore(gw, extra, field):
         await client.chat.completions.create(**body)
     assert err.value.status_code == 400
     assert err.value.body["param"] == field and field in err.value.body["message"]
+
+
+async def test_a_local_model_takes_the_values_that_ask_for_nothing(gw):
+    _, client, _ = gw
+    reply = await client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        tools=[], tool_choice="none", response_format={"type": "text"}, max_tokens=2)
+    assert reply.choices[0].message.role == "assistant"
 
 
 async def test_a_safe_incoming_request_id_is_kept_and_logged(gw):
