@@ -1,7 +1,8 @@
 """`llmctl serve`: run the gateway under uvicorn.
 
-The port is bound here, before the app starts, so that a port in use is one line
-and exit code 1 (uvicorn's own exit code for it, 3, is llmctl's "limit reached").
+The database is checked and the port bound here, before the app starts, so that
+either failing is one line and exit code 1 (uvicorn's own exit code for a failed
+start, 3, is llmctl's "limit reached").
 """
 
 from __future__ import annotations
@@ -63,10 +64,18 @@ def serve(
     models = load_models_config(settings)  # fail fast, before binding the port
     if not models.models:
         raise ConfigError(NO_MODELS)
+    db = context.get(ctx).db  # an unreachable or outdated database: one line, not a traceback
+    db.ensure_schema()
+    db.dispose()
     sock = _bind(settings.host, settings.port)
     app = create_app(settings, models, load_default=not lazy)
     server = uvicorn.Server(uvicorn.Config(
         app, log_level=log_level, access_log=False, timeout_graceful_shutdown=30))
-    server.run(sockets=[sock])
-    if not server.started:  # the app's startup failed; uvicorn has logged why
+    try:
+        server.run(sockets=[sock])
+    except SystemExit:
+        if server.started:
+            raise
+        raise typer.Exit(1) from None  # startup failed, as uvicorn has logged; not its 3
+    if not server.started:
         raise typer.Exit(1)

@@ -95,7 +95,7 @@ def test_serve_lazy_loads_nothing_at_start(tmp_path, tiny_models_yaml):
         server.stop()
 
 
-def test_serve_refuses_no_models_bad_port_and_busy_port(tmp_path, monkeypatch,
+def test_serve_refuses_no_models_bad_port_database_down_and_busy_port(tmp_path, monkeypatch,
                                                         tiny_models_yaml):
     monkeypatch.chdir(tmp_path)  # no models.yaml here
     monkeypatch.setenv("LLMCTL_HOME", str(tmp_path / "home"))
@@ -112,6 +112,10 @@ def test_serve_refuses_no_models_bad_port_and_busy_port(tmp_path, monkeypatch,
     env_bad = runner.invoke(app, ["serve", "--config", tiny_models_yaml])
     assert env_bad.exit_code == 2 and "LLMCTL_PORT='70000'" in env_bad.stderr
     monkeypatch.delenv("LLMCTL_PORT")
+    monkeypatch.setenv("LLMCTL_DATABASE_URL", "postgresql+psycopg://x@127.0.0.1:1/db")
+    down = runner.invoke(app, ["serve", "--config", tiny_models_yaml])
+    assert down.exit_code == 1 and "is unreachable" in down.stderr  # not uvicorn's 3
+    monkeypatch.delenv("LLMCTL_DATABASE_URL")
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
