@@ -138,6 +138,7 @@ def _task_command(name: str):
 def _run(ctx: typer.Context, name: str, o: dict) -> None:
     from evalsuite import data, report, runner
     from evalsuite.models import open_model, resolve_model
+    from evalsuite.sandbox import SandboxConfig
     from evalsuite.tasks import TaskOptions
 
     app_ctx = context.get(ctx)
@@ -149,7 +150,8 @@ def _run(ctx: typer.Context, name: str, o: dict) -> None:
             extra[key] = o[key]
     options = TaskOptions(num_fewshot=o["num_fewshot"], limit=o["limit"], seed=o["seed"],
                           max_gen_toks=o["max_gen_tokens"],
-                          allow_code_execution=bool(o.get("allow_code_execution")), extra=extra)
+                          allow_code_execution=bool(o.get("allow_code_execution")),
+                          sandbox=SandboxConfig.from_settings(app_ctx.settings), extra=extra)
     data_opts = data.DataOptions(data=o["data"], fewshot_data=o["fewshot_data"],
                                  dataset=o["dataset"], subset=o["subset"], split=o["split"])
     choice = resolve_model(app_ctx.settings, name=o["model"], config=o["config"],
