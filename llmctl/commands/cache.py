@@ -9,7 +9,7 @@ import typer
 from llmctl import context, output
 from llmctl.output import JsonOption
 from server.services import cache as svc
-from server.services.keys import parse_duration
+from server.validation import parse_duration
 
 app = typer.Typer(help="Inspect and empty the completion cache.", no_args_is_help=True)
 
