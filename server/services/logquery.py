@@ -31,7 +31,7 @@ from sqlalchemy import and_, delete, func, or_, select
 from server.db.tables import ApiKey, RequestLog, utcnow
 from server.errors import InvalidRequest, NotFound
 from server.services import keys as keysvc
-from server.validation import INT64_MAX, is_int, parse_duration
+from server.validation import INT64_MAX, check_int, is_int, parse_duration
 
 MAX_LIMIT = 1000
 FIELDS = ("id", "request_id", "created_at", "key_id", "key_name", "model", "route", "status",
@@ -53,10 +53,13 @@ def parse_time(value: str | datetime | None, param: str) -> datetime | None:
         return utcnow() - parse_duration(text, param=param)
     try:
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-        return parsed.astimezone(UTC).replace(tzinfo=None) if parsed.tzinfo else parsed
-    except (ValueError, OverflowError):  # OverflowError: year 1 with a positive offset
+    except ValueError:
         raise InvalidRequest(f"{param}: {value!r} is not an ISO date-time or an age like 15m, "
                              "24h, 7d", param=param) from None
+    try:
+        return parsed.astimezone(UTC).replace(tzinfo=None) if parsed.tzinfo else parsed
+    except OverflowError:  # year 1 with a positive offset, year 9999 with a negative one
+        raise InvalidRequest(f"{param}: {value!r} is out of range in UTC", param=param) from None
 
 
 def status_condition(status: str | int | None):
@@ -168,6 +171,7 @@ def show(db, request_id: str) -> dict:
 
 def tail(db, n: int = 20) -> list[dict]:
     """The last `n` entries written, oldest first."""
+    check_int(n, param="lines", minimum=1)
     with db.session() as s:
         rows = list(s.scalars(select(RequestLog).order_by(RequestLog.id.desc()).limit(n)))[::-1]
         names = _names(s, rows)
