@@ -1,15 +1,22 @@
-"""Rendering for people (rich tables) and scripts (`--json`), in one place."""
+"""Rendering for people (rich tables) and scripts (`--json`), in one place.
+
+Stored text (key and model names, prompts, outputs, error messages that quote input)
+is what API users control: it is never read as Rich markup and never reaches the
+terminal with control characters (`plain`, `safe`; every table cell and `fail`)."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 console = Console()
 err_console = Console(stderr=True)
@@ -25,17 +32,40 @@ def _default(value: Any) -> Any:
     return str(value)
 
 
+# C0 and C1 controls but tab and newline, DEL, and the bidirectional overrides: they
+# could move the cursor, retitle or reprogram the terminal, or reorder what is shown.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e"
+                      "\u2066-\u2069]")
+
+
+def clean(value: Any) -> str:
+    """`value` as text, each control character shown as U+FFFD."""
+    return _CONTROL.sub("\ufffd", "" if value is None else str(value))
+
+
+def plain(value: Any) -> Text:
+    """Stored text for a rich renderable: literal (no markup) and clean. A `Text` (styled
+    by our own code) is kept as it is."""
+    return value if isinstance(value, Text) else Text(clean(value))
+
+
+def safe(value: Any) -> str:
+    """Stored text to put inside a markup string of our own."""
+    return escape(clean(value))
+
+
 def print_json(data: Any) -> None:
     # Plain print: rich would wrap long lines and break the JSON for parsers.
     print(json.dumps(data, indent=2, default=_default, sort_keys=False))
 
 
 def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
-    t = Table(title=title, header_style="bold")
+    """Every cell and the title literal (see `plain`); style a cell by passing a `Text`."""
+    t = Table(title=None if title is None else plain(title), header_style="bold")
     for column in columns:
         t.add_column(column)
     for row in rows:
-        t.add_row(*["" if v is None else str(v) for v in row])
+        t.add_row(*[plain(v) for v in row])
     return t
 
 
@@ -48,4 +78,4 @@ def emit(data: Any, as_json: bool, render: Callable[[], Any] | None = None) -> N
 
 
 def fail(message: str) -> None:
-    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[red]error:[/red] {safe(message)}", highlight=False, soft_wrap=True)
