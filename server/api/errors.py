@@ -85,6 +85,7 @@ _WHY = {
     404: "No such model, key or request log",
     409: "A key with that name or value already exists",
     413: "The request body is larger than the configured limit",
+    502: "The remote model server failed or could not be reached",
     429: "A rate, token, concurrency or quota limit, or the model's queue is full "
          "(`Retry-After` says when to retry)",
     503: "The database (or Redis, when it fails closed) is unavailable, or the server is "
@@ -99,8 +100,10 @@ def _statuses(path: str, method: str, operation: dict) -> list[int]:
     if not path.startswith("/v1/"):
         return []
     out = [400, 401, 429, 503]
-    if path.startswith("/v1/admin/") or path in _GENERATE:
-        out += [403, 404]  # admin: a key named in the path or a query; generate: model
+    if path in _GENERATE:
+        out += [403, 404, 502]  # the key may not use the model; no such model; remote
+    elif path.startswith("/v1/admin/"):
+        out += [403, 404]  # not an admin key; a key named in the path or a query
     elif "{" in path:
         out.append(404)
     if path.startswith("/v1/admin/keys") and method in ("post", "patch"):

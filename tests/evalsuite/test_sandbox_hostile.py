@@ -235,3 +235,17 @@ def test_default_mode_refuses_without_bubblewrap(monkeypatch, tmp_path, host):
         sandbox._bwrap_problem.cache_clear()
     with pytest.raises(ValueError, match="sandbox_mode"):
         Settings(sandbox_mode="fallback", _env_file=None)
+
+
+def test_sandbox_and_api_key_variables_come_through_settings(monkeypatch, tmp_path):
+    from evalsuite.models import resolve_model
+
+    monkeypatch.setenv("LLMCTL_SANDBOX_MODE", "rlimits-only")
+    monkeypatch.setenv("LLMCTL_SANDBOX_PYTHON", "/usr/bin/python3")
+    monkeypatch.setenv("LLMCTL_API_KEY", "llm_from_the_environment")
+    settings = Settings(_env_file=None, home=tmp_path)
+    config = sandbox.SandboxConfig.from_settings(settings)
+    assert (config.mode, config.python) == ("rlimits-only", "/usr/bin/python3")
+    assert str(tmp_path) in config.hidden
+    choice = resolve_model(settings, name="tiny", through="http://127.0.0.1:9")
+    assert choice.api_key == "llm_from_the_environment"
