@@ -84,3 +84,8 @@ def test_endless_output_is_bounded(run):
     assert len(result.detail) <= sandbox.OUTPUT_TAIL + 100
 
 
+
+
+def test_its_working_directory_is_writable(run):
+    assert run("open('scratch.txt', 'w').write('ok')\n"
+               "assert open('scratch.txt').read() == 'ok'\n").passed
