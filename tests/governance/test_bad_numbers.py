@@ -43,6 +43,8 @@ API_CASES = [  # method, path, body, status, param
     ("GET", f"/v1/admin/logs?limit={BIG}", None, 400, "limit"),
     ("GET", f"/v1/admin/logs?cursor={_cursor(2**70)}", None, 400, "cursor"),
     ("GET", f"/v1/admin/logs/{BIG}", None, 404, "request_id"),
+    ("GET", "/v1/admin/usage?month=\u0662\u0660\u0662\u0666-01", None, 400, "month"),
+    ("GET", "/v1/admin/quotas/u?month=2026-01%0A", None, 400, "month"),
 ]
 
 
