@@ -12,7 +12,6 @@ gateway with `--through`).
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -70,7 +69,7 @@ def resolve_model(settings: Settings, *, name: str | None = None, config: Path |
                   through: str | None = None, api_key: str | None = None) -> ModelChoice:
     """NAME from models.yaml, or NAME through a gateway URL; raises for bad input."""
     if through:
-        key = api_key or os.environ.get("LLMCTL_API_KEY")
+        key = api_key or settings.api_key
         if not key:
             raise InvalidRequest("--through needs --api-key KEY (or LLMCTL_API_KEY)",
                                  param="api_key")
@@ -84,7 +83,7 @@ def resolve_model(settings: Settings, *, name: str | None = None, config: Path |
         raise ModelNotFound(f"model {name!r} is not configured (configured: "
                             f"{', '.join(models.names)})", param="model")
     if spec.type == "remote":
-        key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
+        key = spec.api_key
         if spec.api_key_env and not key:
             raise ConfigError(f"model {spec.name}: environment variable {spec.api_key_env} "
                               "(its api_key_env) is not set")

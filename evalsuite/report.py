@@ -11,6 +11,7 @@ from rich.table import Table
 
 from evalsuite.store import RunRecord
 from evalsuite.tasks.base import Sample
+from llmctl.output import plain
 
 
 def fmt(value: float | None, digits: int = 4) -> str:
@@ -20,11 +21,11 @@ def fmt(value: float | None, digits: int = 4) -> str:
 
 
 def metrics_table(title: str, metrics: dict) -> Table:
-    table = Table(title=title, header_style="bold")
+    table = Table(title=plain(title), header_style="bold")
     for col in ("metric", "value", "± stderr", "n"):
         table.add_column(col, justify="left" if col == "metric" else "right")
     for name, m in metrics.get("metrics", {}).items():
-        table.add_row(name, fmt(m["value"]), fmt(m.get("stderr")), str(m.get("n", "")))
+        table.add_row(plain(name), fmt(m["value"]), fmt(m.get("stderr")), str(m.get("n", "")))
     return table
 
 
@@ -37,7 +38,7 @@ def breakdown_tables(metrics: dict, subjects: bool = True) -> list[Table]:
         for col in (kind, "value", "± stderr", "n"):
             table.add_column(col, justify="left" if col == kind else "right")
         for name, m in groups.items():
-            table.add_row(name, fmt(m["value"]), fmt(m.get("stderr")), str(m["n"]))
+            table.add_row(plain(name), fmt(m["value"]), fmt(m.get("stderr")), str(m["n"]))
         tables.append(table)
     return tables
 
@@ -106,13 +107,13 @@ def compare(a: tuple[RunRecord, list[Sample]], b: tuple[RunRecord, list[Sample]]
 
 
 def compare_view(data: dict, show: int = 10) -> Group:
-    table = Table(title=f"{data['task']}: {data['a']} ({data['model_a']}) vs {data['b']} "
-                        f"({data['model_b']})", header_style="bold")
+    table = Table(title=plain(f"{data['task']}: {data['a']} ({data['model_a']}) vs {data['b']} "
+                              f"({data['model_b']})"), header_style="bold")
     for col in ("metric", "A", "B", "B − A"):
         table.add_column(col, justify="left" if col == "metric" else "right")
     for name, m in data["metrics"].items():
         delta = m["delta"]
-        table.add_row(name, fmt(m["a"]), fmt(m["b"]),
+        table.add_row(plain(name), fmt(m["a"]), fmt(m["b"]),
                       "—" if delta is None else f"{delta:+.4f}")
     items = data["items"]
     lines = [table, f"items in both: {items['common']}, identical: {items['identical']}, "
@@ -122,7 +123,7 @@ def compare_view(data: dict, show: int = 10) -> Group:
         for col in ("index", "doc", "A scores", "B scores"):
             diff.add_column(col)
         for d in data["differences"][:show]:
-            diff.add_row(str(d["index"]), str(d["doc_id"]), json.dumps(d["a"]),
-                         json.dumps(d["b"]))
+            diff.add_row(*map(plain, (d["index"], d["doc_id"], json.dumps(d["a"]),
+                                      json.dumps(d["b"]))))
         lines.append(diff)
     return Group(*lines)

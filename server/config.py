@@ -78,6 +78,13 @@ class Settings(BaseSettings):
     cache_ttl: int = 7 * 24 * 3600
     cache_scope: Literal["global", "key"] = "global"
     cache_hits_charge_quota: bool = False
+    # --- evals
+    # bwrap: bubblewrap namespaces + rlimits; rlimits-only must be asked for by name,
+    # it contains nothing but CPU, memory and file size (see evalsuite/sandbox.py).
+    sandbox_mode: Literal["bwrap", "rlimits-only"] = "bwrap"
+    sandbox_python: Path | None = None
+    # The gateway key for `llmctl eval --through` when --api-key is not given.
+    api_key: str | None = None
 
     @property
     def redis_active_url(self) -> str | None:
@@ -126,6 +133,12 @@ class ModelSpec(BaseModel):
         if self.name is None:
             self.name = self.id
         return self
+
+    @property
+    def api_key(self) -> str | None:
+        """The remote's key, from the environment variable named by `api_key_env` (a
+        name each models.yaml entry chooses, so it cannot be a Settings field)."""
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
 
     @property
     def source(self) -> str:

@@ -138,6 +138,7 @@ def _task_command(name: str):
 def _run(ctx: typer.Context, name: str, o: dict) -> None:
     from evalsuite import data, report, runner
     from evalsuite.models import open_model, resolve_model
+    from evalsuite.sandbox import SandboxConfig
     from evalsuite.tasks import TaskOptions
 
     app_ctx = context.get(ctx)
@@ -149,20 +150,22 @@ def _run(ctx: typer.Context, name: str, o: dict) -> None:
             extra[key] = o[key]
     options = TaskOptions(num_fewshot=o["num_fewshot"], limit=o["limit"], seed=o["seed"],
                           max_gen_toks=o["max_gen_tokens"],
-                          allow_code_execution=bool(o.get("allow_code_execution")), extra=extra)
+                          allow_code_execution=bool(o.get("allow_code_execution")),
+                          sandbox=SandboxConfig.from_settings(app_ctx.settings), extra=extra)
     data_opts = data.DataOptions(data=o["data"], fewshot_data=o["fewshot_data"],
                                  dataset=o["dataset"], subset=o["subset"], split=o["split"])
     choice = resolve_model(app_ctx.settings, name=o["model"], config=o["config"],
                            through=o["through"], api_key=o["api_key"])
     prepared = runner.prepare_task(name, options, data_opts)
     say = output.err_console
-    say.print(f"{name}: {len(prepared.docs)} items from {prepared.dataset.origin}",
+    say.print(f"{name}: {len(prepared.docs)} items from {output.safe(prepared.dataset.origin)}",
               highlight=False, soft_wrap=True)
     model = open_model(app_ctx.settings, choice, batch_size=o["batch_size"])
     try:
         notes = runner.choose_mmlu_variant(prepared.task, model)
         for note in notes:
-            say.print(f"[yellow]note:[/yellow] {note}", highlight=False, soft_wrap=True)
+            say.print(f"[yellow]note:[/yellow] {output.safe(note)}", highlight=False,
+                      soft_wrap=True)
         result = _with_progress(prepared, model, app_ctx.db, o["fresh"], notes, say)
     finally:
         model.close()
@@ -170,7 +173,7 @@ def _run(ctx: typer.Context, name: str, o: dict) -> None:
     data_out = result.to_dict(with_samples=o["log_samples"])
     if o["output"]:
         report.write_json(o["output"], data_out)
-        say.print(f"results written to {o['output']}", highlight=False)
+        say.print(f"results written to {output.safe(o['output'])}", highlight=False)
     output.emit(data_out, o["as_json"], lambda: report.results_view(data_out))
 
 

@@ -91,6 +91,7 @@ def create_app(settings: Settings | None = None, models: ModelsConfig | None = N
     for module in (health, generate, openai, model_routes, usage_routes, admin):
         app.include_router(module.router)
     bodies.install_schemas(app, [GenerateRequest, CompletionRequest, ChatCompletionRequest])
+    errors.document(app)
     # Innermost first: the request context wraps the completion routes' direct dispatch.
     app.add_middleware(DirectRoutes, routes=direct_routes(generate.router, openai.router),
                        handlers=app.exception_handlers)

@@ -10,7 +10,6 @@ Token counts are the ones the remote reports.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import AsyncIterator
 
@@ -56,7 +55,7 @@ class HttpLLMClient(ModelEngine):
         self.model_id = spec.id
         self.base_url = _base(spec.base_url or "")
         headers = {}
-        secret = os.environ.get(spec.api_key_env) if spec.api_key_env else None
+        secret = spec.api_key
         if secret:
             headers["Authorization"] = f"Bearer {secret}"
         self._client = httpx.AsyncClient(
