@@ -62,6 +62,9 @@ COMMON = [
         "(its keys, quotas, cache and logs apply).")]),
     _opt("api_key", Annotated[str | None, typer.Option(
         "--api-key", envvar="LLMCTL_API_KEY", help="API key for --through.")]),
+    _opt("tokenizer", Annotated[str | None, typer.Option(
+        "--tokenizer", help="Remote or --through models: the model's tokenizer (hub id or "
+        "directory), to left-truncate prompts longer than its context as lm-eval does.")]),
     _opt("limit", Annotated[int | None, typer.Option(
         "--limit", min=1, help="Evaluate the first N items (mmlu: per subject, as lm-eval).")]),
     _opt("num_fewshot", Annotated[int | None, typer.Option(
@@ -153,7 +156,8 @@ def _run(ctx: typer.Context, name: str, o: dict) -> None:
     data_opts = data.DataOptions(data=o["data"], fewshot_data=o["fewshot_data"],
                                  dataset=o["dataset"], subset=o["subset"], split=o["split"])
     choice = resolve_model(app_ctx.settings, name=o["model"], config=o["config"],
-                           through=o["through"], api_key=o["api_key"])
+                           through=o["through"], api_key=o["api_key"],
+                           tokenizer=o["tokenizer"])
     prepared = runner.prepare_task(name, options, data_opts)
     say = output.err_console
     say.print(f"{name}: {len(prepared.docs)} items from {prepared.dataset.origin}",
