@@ -78,6 +78,13 @@ class ModelChoice:
     api_key: str | None = None
     tokenizer: str | None = None  # remote/through: to truncate prompts as lm-eval does
 
+    @property
+    def label(self) -> str:
+        """The opened model's name (what stored runs record as their model)."""
+        if self.kind == "through":
+            return f"{self.name or 'default'} via {self.url}"
+        return self.spec.name
+
 
 def resolve_model(settings: Settings, *, name: str | None = None, config: Path | None = None,
                   through: str | None = None, api_key: str | None = None,
@@ -115,7 +122,7 @@ def open_model(settings: Settings, choice: ModelChoice, *,
 
         return OpenAIModel(choice.url, choice.name, api_key=choice.api_key,
                            concurrency=batch_size or 8, tokenizer=choice.tokenizer,
-                           label=f"{choice.name or 'default'} via {choice.url}")
+                           label=choice.label)
     spec = choice.spec
     if choice.kind == "remote":
         from evalsuite.remote_model import OpenAIModel

@@ -43,6 +43,7 @@ class RunResult:
     resumed: int = 0  # items taken from the interrupted run
     notes: list[str] = field(default_factory=list)
     status: str = "finished"
+    fingerprint: str = ""  # what identifies "the same eval" (resuming, baselines)
 
     def to_dict(self, with_samples: bool = False) -> dict:
         out = {"run_id": self.run_id, "task": self.task, "status": self.status,
@@ -102,14 +103,16 @@ def run_config(task: Task, dataset: data_mod.DataSet, model: EvalModel,
 def run_eval(prepared: Prepared, model: EvalModel, db, *, model_identity: dict,
              resume: bool = True, notes: list[str] | None = None,
              progress: Progress | None = None,
-             on_start: Callable[[str, int, int], None] | None = None) -> RunResult:
+             on_start: Callable[[str, int, int], None] | None = None,
+             suite_run_id: str | None = None) -> RunResult:
     task, dataset = prepared.task, prepared.dataset
     task.prepare()
     items = task.build_items(prepared.docs, dataset.fewshot)
     config = run_config(task, dataset, model, notes)
-    run, done = store.open_run(db, task=task.name, model=model.name,
-                               fingerprint=fingerprint(task, model_identity, dataset),
-                               config=config, n_items=len(items), resume=resume)
+    fp = fingerprint(task, model_identity, dataset)
+    run, done = store.open_run(db, task=task.name, model=model.name, fingerprint=fp,
+                               config=config, n_items=len(items), resume=resume,
+                               suite_run_id=suite_run_id)
     if on_start:
         on_start(run.id, len(items), len(done))
     try:
@@ -126,7 +129,7 @@ def run_eval(prepared: Prepared, model: EvalModel, db, *, model_identity: dict,
     metrics = task.aggregate(samples)
     store.finish_run(db, run.id, metrics, config)
     return RunResult(run.id, task.name, model.describe(), config, metrics, len(items),
-                     samples, resumed=len(done), notes=config["notes"])
+                     samples, resumed=len(done), notes=config["notes"], fingerprint=fp)
 
 
 def _evaluate(task: Task, model: EvalModel, items: list[Item],
