@@ -166,23 +166,6 @@ def last_finished(db, *, fingerprint: str, before: str | None = None) -> RunReco
         return _record(run) if run is not None else None
 
 
-def latest_scores(db) -> list[dict]:
-    """The newest finished run per (task, model): its metrics and finish time, for
-    the gateway's /metrics (one indexed query per scrape)."""
-    with db.session() as s:
-        newest = (select(EvalRun.task, EvalRun.model,
-                         func.max(EvalRun.finished_at).label("at"))
-                  .where(EvalRun.status == "finished").group_by(EvalRun.task, EvalRun.model)
-                  .subquery())
-        rows = s.execute(select(EvalRun.task, EvalRun.model, EvalRun.metrics,
-                                EvalRun.finished_at)
-                         .join(newest, (EvalRun.task == newest.c.task)
-                               & (EvalRun.model == newest.c.model)
-                               & (EvalRun.finished_at == newest.c.at))).all()
-    return [{"task": t, "model": m, "metrics": (metrics or {}).get("metrics") or {},
-             "finished_at": at} for t, m, metrics, at in rows]
-
-
 # --- suite runs ----------------------------------------------------------------------
 
 @dataclass
