@@ -109,3 +109,9 @@ def check_drop(gate: Gate, *, task: str, model: str, comparison: dict,
                       value=m["b"], baseline=m["a"], delta=delta, ci=stats.get("ci"),
                       p_value=stats.get("p_value"), run_id=comparison["b"],
                       baseline_run_id=comparison["a"], message=message)
+
+
+def no_baseline(gate: Gate, *, task: str, model: str, run_id: str) -> GateResult:
+    """A max_drop gate on the first run of an eval: nothing to compare with, it passes."""
+    return GateResult(task, model, "max_drop", gate.metric, gate.threshold, True,
+                      run_id=run_id, message="no earlier finished run to compare with yet")

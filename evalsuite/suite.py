@@ -124,6 +124,14 @@ def load(path: Path) -> Suite:
         if t.task not in TASKS:
             raise InvalidRequest(f"suite {path}: tasks.{i}.task: unknown task {t.task!r} "
                                  f"(choose one of {', '.join(TASKS)})", param="suite")
+        # mmlu on a chat-only model switches to its generative variant (exact_match)
+        known = {*TASKS[t.task].metrics, *(("exact_match",) if t.task == "mmlu" else ())}
+        for key in ("gates", "max_drop"):
+            for metric in getattr(t, key):
+                if metric not in known:
+                    raise InvalidRequest(f"suite {path}: tasks.{i}.{key}: {t.task} has no "
+                                         f"metric {metric!r} (it has "
+                                         f"{', '.join(sorted(known))})", param="suite")
     models: list[str | None] = list(spec.models) or [spec.model]
     blob = json.dumps({"spec": spec.model_dump(), "models": models}, sort_keys=True)
     return Suite(path, spec, spec.name or path.stem, models,
@@ -281,10 +289,8 @@ def _gate(result: SuiteResult, db, t: TaskSpec, model: str, run_id: str, metrics
                          if r.task == t.task and r.model == model and r.status == "finished"),
                         None)
     if base_run is None:
-        result.gates.extend(gates_mod.GateResult(
-            t.task, model, "max_drop", g.metric, g.threshold, True, run_id=run_id,
-            message="no baseline run of this suite on this model yet: nothing to compare")
-            for g in drops)
+        result.gates.extend(gates_mod.no_baseline(g, task=t.task, model=model, run_id=run_id)
+                            for g in drops)
         return
     comparison = report.compare(store.get_run(db, base_run.id), store.get_run(db, run_id))
     for gate in drops:

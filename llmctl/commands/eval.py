@@ -242,14 +242,13 @@ def _task_gates(db, result, g: dict) -> list:
     out = [gates.check_min(x, task=result.task, model=label, run_id=result.run_id,
                            metrics=result.metrics) for x in g["min"]]
     if g["drop"]:
-        if g["baseline"] == "last":
+        base_id = g["baseline"]
+        if base_id == "last":
             base = store.last_finished(db, fingerprint=result.fingerprint, before=result.run_id)
-            if base is None:
-                raise InvalidRequest("--baseline last: no earlier finished run of this eval "
-                                     "to compare with", param="baseline")
+            if base is None:  # the first run of this eval (cron's first night)
+                return out + [gates.no_baseline(x, task=result.task, model=label,
+                                                run_id=result.run_id) for x in g["drop"]]
             base_id = base.id
-        else:
-            base_id = g["baseline"]
         comparison = report.compare(store.get_run(db, base_id), store.get_run(db, result.run_id))
         out += [gates.check_drop(x, task=result.task, model=label, comparison=comparison,
                                  significance=g["significance"]) for x in g["drop"]]

@@ -133,3 +133,20 @@ def test_overlapping_suites_lock_and_a_killed_suite_resumes(tmp_path, fixtures,
     # The stored items were kept as they were; only the others were added.
     assert after[:len(before)] == before
     assert sorted(i for _, i in after) == list(range(8))
+
+
+def test_task_command_gates_and_bad_gate_input(cli, tmp_path, fixtures, eval_models_yaml):
+    base = ["eval", "mmlu", "--config", eval_models_yaml, "--data", fixtures / "mmlu",
+            "--limit", 1]
+    failed = cli(*base, "--fail-under", "acc=1.01", "--report", f"json={tmp_path / 'r.json'}")
+    assert failed.exit_code == 1 and "gate failed: mmlu · tiny · acc >= 1.01" in failed.output
+    assert json.loads((tmp_path / "r.json").read_text())["gates"][0]["passed"] is False
+    assert cli(*base, "--fail-under", "acc=0").exit_code == 0
+    bad = cli(*base, "--fail-under", "acc")
+    assert bad.exit_code == 2 and "expected METRIC=NUMBER" in bad.output
+    suite = tmp_path / "bad.yaml"
+    suite.write_text(yaml.safe_dump({"models": ["tiny"], "tasks": [
+        {"task": "mmlu", "gates": {"accuracy": 0.5}}]}))
+    bad = cli("eval", "suite", suite)
+    assert bad.exit_code == 2 and "tasks.0.gates: mmlu has no metric 'accuracy'" in bad.output
+    assert "Traceback" not in bad.output
