@@ -150,3 +150,32 @@ def test_task_command_gates_and_bad_gate_input(cli, tmp_path, fixtures, eval_mod
     bad = cli("eval", "suite", suite)
     assert bad.exit_code == 2 and "tasks.0.gates: mmlu has no metric 'accuracy'" in bad.output
     assert "Traceback" not in bad.output
+
+
+def test_tasks_on_one_model_share_one_loaded_model(tmp_path, fixtures):
+    from evalsuite import runner
+    from evalsuite import suite as suite_mod
+    from evalsuite.remote_model import OpenAIModel
+    from server.db.engine import Database
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"choices": [{"index": 0, "text": " 42"}]})
+
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump({"models": ["a", "b"], "tasks": [
+        {"task": "gsm8k", "data": str(fixtures / "gsm8k"), "limit": 2},
+        {"task": "summarization", "data": str(fixtures / "cnn_dailymail"), "limit": 2}]}))
+    opened: list[str] = []
+
+    def open_model(name):
+        opened.append(name)
+        return OpenAIModel("http://fake", name, transport=httpx.MockTransport(answer))
+
+    hooks = suite_mod.Hooks(open_model=open_model, label=lambda name: name,
+                            run_task=lambda prepared, model, **kw: runner.run_eval(
+                                prepared, model, db, model_identity=model.identity(), **kw))
+    db = Database(f"sqlite:///{tmp_path / 'eval.db'}")
+    result = suite_mod.run(suite_mod.load(path), db, hooks)
+    assert opened == ["a", "b"]  # once per model, not once per task
+    assert [(r["task"], r["model"]) for r in result.runs] == [
+        ("gsm8k", "a"), ("summarization", "a"), ("gsm8k", "b"), ("summarization", "b")]
