@@ -202,9 +202,9 @@ class OpenAIModel(EvalModel):
         """The prompt to send: the text, or, when it does not leave room for
         `max_gen_toks` in the model's context, its token ids left-truncated as lm-eval's
         hf model does (`tokenizer(context)` with special tokens, then `[-max_ctx:]`)."""
-        limit = self._context_limit()
-        tok = self._load_tokenizer() if limit else None
-        if tok is None:
+        tok = self._load_tokenizer()
+        limit = self._context_limit() if tok is not None else None
+        if not limit:
             return req.context
         ids = tok(req.context)["input_ids"]
         room = limit - req.max_gen_toks
