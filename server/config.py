@@ -125,6 +125,9 @@ class ModelSpec(BaseModel):
     api_key_env: str | None = None
     timeout: float = Field(default=60.0, gt=0)
     connect_timeout: float = Field(default=5.0, gt=0)
+    # remote: the remote model's tokenizer (hub id or directory), for clients that must
+    # count its tokens (evals left-truncate long prompts with it, as lm-eval does)
+    tokenizer: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:

@@ -25,7 +25,7 @@ from server.api.state import AppState
 from server.config import ModelsConfig, Settings, load_models_config
 from server.db.engine import Database
 from server.engines.manager import EngineFactory, MultiModelManager, default_engine_factory
-from server.services import sqlitereader
+from server.services import evalscores, sqlitereader
 from server.services.cache import CompletionCache
 from server.services.keys import KeyLookup
 from server.services.limits import Limiter
@@ -67,6 +67,7 @@ def create_app(settings: Settings | None = None, models: ModelsConfig | None = N
         state.gateway = Gateway(settings, manager, limiter=limiter, cache=state.cache)
         app.state.llmctl = state
         metrics.watch_engines(manager)
+        metrics.watch_evals(lambda: evalscores.latest_scores(db))
         if settings.preload:
             await manager.preload()
         elif load_default and models.default_model is not None:
