@@ -443,16 +443,25 @@ class Scheduler:
 
     def submit(self, seq: Sequence) -> bool:
         """Queue `seq`; False (and nothing queued) when the batch and queue are full."""
+        return self.submit_all([seq])
+
+    def submit_all(self, seqs: list[Sequence]) -> bool:
+        """Queue all of `seqs` (the choices of one API request) or none: False, and
+        nothing queued, when they do not all fit in the batch and queue. Admitting them
+        one by one let the first parts run on, free of charge, after a later part was
+        refused (issue 15)."""
         with self._lock:
-            if self._stopping or self.stats.inflight >= self.max_batch_size + self.max_queue:
-                self.stats.rejected += 1
+            if (self._stopping or self.stats.inflight + len(seqs)
+                    > self.max_batch_size + self.max_queue):
+                self.stats.rejected += len(seqs)
                 return False
-            self.stats.inflight += 1
-            self.stats.submitted += 1
-            seq.trace = RequestTrace(seq.request_id, submitted_step=self.stats.steps)
-            self._remember(seq.trace)
-            self._note_arrival()
-        self._incoming.append(seq)
+            for seq in seqs:
+                self.stats.inflight += 1
+                self.stats.submitted += 1
+                seq.trace = RequestTrace(seq.request_id, submitted_step=self.stats.steps)
+                self._remember(seq.trace)
+                self._note_arrival()
+            self._incoming.extend(seqs)
         self._wake.set()
         return True
 
