@@ -22,6 +22,7 @@ def serve(
     import uvicorn
 
     from server.api.app import create_app
+    from server.api.drain import DrainingServer
     from server.config import load_models_config
 
     settings = context.get(ctx).settings
@@ -32,5 +33,7 @@ def serve(
     settings = settings.model_copy(update=updates)
     models = load_models_config(settings)  # fail fast, before binding the port
     app = create_app(settings, models)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level,
-                access_log=False, timeout_graceful_shutdown=30)
+    grace = 30
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
+                            access_log=False, timeout_graceful_shutdown=grace)
+    DrainingServer(config, drain=app.state.drain, grace=grace).run()
