@@ -30,8 +30,9 @@ def config(tmp_path, remote, tokenizer_dir) -> str:
 
 
 def overreported(metrics_text: str, model: str) -> float:
-    found = re.search(r'^llmctl_usage_overreported_tokens_total\{model_name="%s"\} (\S+)$'
-                      % re.escape(model), metrics_text, re.M)
+    pattern = ("^" + re.escape(f'llmctl_usage_overreported_tokens_total{{model_name="{model}"}}')
+               + r" (\S+)$")
+    found = re.search(pattern, metrics_text, re.M)
     return float(found.group(1)) if found else 0.0
 
 
