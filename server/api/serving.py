@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -116,10 +117,11 @@ class Gateway:
         params: SamplingParams, prompts: list[str | list[int]] | None = None,
         messages: list[dict] | None = None, n: int = 1, echo_logprobs: bool = False,
         max_tokens_field: str = "max_tokens", prompt_field: str = "prompt",
-        policy: CachePolicy | None = None, fit_context: bool = False,
+        policy: CachePolicy | None = None, fit_context: bool = False, extra: dict | None = None,
     ) -> Call:
         """Resolve and check everything. `fit_context` lowers a default max_new_tokens to
-        what the context leaves (OpenAI chat's behaviour when max_tokens is not given)."""
+        what the context leaves (OpenAI chat's behaviour when max_tokens is not given).
+        `extra`: fields forwarded unchanged to a remote engine (EngineRequest.extra)."""
         spec = self.manager.spec(model)
         if record is not None:
             record.model = spec.name
@@ -160,11 +162,14 @@ class Gateway:
                     f"({limit} tokens)", param=prompt_field, code="context_length_exceeded")
 
         requests = [
-            EngineRequest(params=params, prompt=p, messages=messages, echo_logprobs=echo_logprobs)
+            EngineRequest(params=params, prompt=p, messages=messages, echo_logprobs=echo_logprobs,
+                          extra=extra)
             for p in inputs for _ in range(n)
         ]
-        bounds = [c if c is not None else byte_bound(t) for c, t in zip(counts, texts,
-                                                                         strict=True)]
+        # Forwarded fields (tools, response_format) are prompt tokens at the remote too.
+        forwarded = byte_bound(json.dumps(extra)) if extra else 0
+        bounds = [(c if c is not None else byte_bound(t)) + forwarded
+                  for c, t in zip(counts, texts, strict=True)]
         call = Call(
             api=api, spec=spec, engine=engine, requests=requests, prompt_texts=texts,
             prompt_tokens=sum(c or 0 for c in counts), prompt_bounds=bounds,
