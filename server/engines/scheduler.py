@@ -365,7 +365,7 @@ class _PrefillGroup:
 
 
 class Scheduler:
-    """The loop thread and its queues. `submit` and `cancel` are thread-safe."""
+    """The loop thread and its queues. `submit_all` and `cancel` are thread-safe."""
 
     def __init__(self, model, tokenizer, *, device: torch.device, max_batch_size: int,
                  max_queue: int, eos_ids: set[int], pad_id: int,
@@ -440,10 +440,6 @@ class Scheduler:
         atexit.unregister(self.stop)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
-
-    def submit(self, seq: Sequence) -> bool:
-        """Queue `seq`; False (and nothing queued) when the batch and queue are full."""
-        return self.submit_all([seq])
 
     def submit_all(self, seqs: list[Sequence]) -> bool:
         """Queue all of `seqs` (the choices of one API request) or none: False, and

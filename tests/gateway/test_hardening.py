@@ -200,3 +200,32 @@ async def test_cache_follows_weights_changed_in_place(tmp_path, tiny_model_dir, 
     stat = weights.stat()
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # replaced in place
     assert await ask_twice() == ["miss", "hit"]
+
+
+async def test_overloaded_multi_prompt_request_leaves_the_engine_as_it_was(
+        tmp_path, tiny_model_dir, monkeypatch):
+    config = tmp_path / "models.yaml"
+    config.write_text("models:\n  - id: tiny\n    type: local\n"
+                      f"    path: {tiny_model_dir}\n    device: cpu\n"
+                      "    max_batch_size: 2\n    max_queue: 0\n")
+    monkeypatch.setenv("LLMCTL_HOME", str(tmp_path / "home"))
+    settings = Settings(_env_file=None, models_config=config, cache_enabled=False)
+    app = create_app(settings, load_models_config(settings))
+    async with app.router.lifespan_context(app):
+        state = app.state.llmctl
+        secret = keys.create_key(state.db, name="u").secret
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw",
+                                     headers=_auth(secret), timeout=60) as client:
+            r = await client.post("/v1/completions", json={"prompt": "warm up", "max_tokens": 1})
+            assert r.status_code == 200
+            engine = state.manager.loaded(state.manager.spec("tiny"))
+            before = (engine.stats.running, engine.stats.waiting, engine.stats.submitted)
+            r = await client.post("/v1/completions", json={
+                "prompt": ["one", "two", "three"], "max_tokens": 200})
+            assert r.status_code == 429 and r.json()["error"]["code"] == "overloaded"
+            assert (engine.stats.running, engine.stats.waiting,
+                    engine.stats.submitted) == before
+            r = await client.post("/v1/completions", json={"prompt": "x", "n": 3,
+                                                           "max_tokens": 200})
+            assert r.status_code == 429
+            assert engine.stats.submitted == before[2]
