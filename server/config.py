@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     log_prompts: bool = False
     log_flush_interval: float = 0.25
     log_batch_size: int = 500
+    # Largest request body accepted, in bytes; larger ones get 413 before they are read.
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     # --- redis
     # Unset: Redis is on exactly when a URL is given. REDIS_ENABLED/REDIS_URL are the
     # original design's names.
@@ -123,6 +125,9 @@ class ModelSpec(BaseModel):
     # remote only
     api: Literal["llmctl", "openai"] = "openai"
     api_key_env: str | None = None
+    # The tokenizer the remote uses (a local directory or hub id): prompts are counted
+    # with it for admission. Without it a prompt is bounded by its UTF-8 byte count.
+    tokenizer: str | None = None
     timeout: float = Field(default=60.0, gt=0)
     connect_timeout: float = Field(default=5.0, gt=0)
     # remote: the remote model's tokenizer (hub id or directory), for clients that must

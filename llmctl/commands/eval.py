@@ -273,8 +273,9 @@ def _finish(o: dict, data: dict, runs: list[dict], results: list, title: str, vi
     else:
         output.emit(data, o["as_json"], view)
         for g in failed:
-            output.err_console.print(f"[red]gate failed:[/red] {output.safe(g.name)}: {output.safe(g.message)}",
-                                     highlight=False, soft_wrap=True)
+            output.err_console.print(
+                f"[red]gate failed:[/red] {output.safe(g.name)}: {output.safe(g.message)}",
+                highlight=False, soft_wrap=True)
     if failed:
         raise typer.Exit(1)
 

@@ -14,7 +14,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from server.api import bodies, errors, metrics
+from server.api.bodylimit import BodyLimitMiddleware
 from server.api.direct import DirectRoutes, direct_routes
+from server.api.drain import Drain, DrainMiddleware
 from server.api.middleware import RequestContextMiddleware
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
 from server.api.routes import admin, generate, health, openai
@@ -96,5 +98,9 @@ def create_app(settings: Settings | None = None, models: ModelsConfig | None = N
     # Innermost first: the request context wraps the completion routes' direct dispatch.
     app.add_middleware(DirectRoutes, routes=direct_routes(generate.router, openai.router),
                        handlers=app.exception_handlers)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # `llmctl serve` sets `draining` on SIGTERM (server/api/drain.py).
+    app.state.drain = Drain()
+    app.add_middleware(DrainMiddleware, drain=app.state.drain)
     app.add_middleware(RequestContextMiddleware)
     return app

@@ -54,7 +54,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        err = LlmctlError(str(exc.detail))
+        # exc.headers: Starlette's 405 names the allowed methods in `Allow`.
+        err = LlmctlError(str(exc.detail), headers=dict(exc.headers or {}))
         err.status_code = exc.status_code
         err.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
         err.code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)

@@ -26,6 +26,9 @@ TTFT = Histogram("llmctl_time_to_first_token_seconds", "Time to first token of s
                  "responses.", ["model"], buckets=LATENCY_BUCKETS)
 QUEUE_TIME = Histogram("llmctl_request_queue_time_seconds", "Time a request waited for a "
                        "batch slot.", ["model"], buckets=LATENCY_BUCKETS)
+USAGE_OVERREPORTED = Counter("llmctl_usage_overreported_tokens_total", "Tokens a backend "
+                             "reported beyond a request's bound (prompt bound plus max "
+                             "tokens); capped, never charged.", ["model_name"])
 LOG_WRITE_ERRORS = Counter("llmctl_request_log_write_errors_total", "Failed request-log "
                            "flushes (retried).")
 
