@@ -41,11 +41,12 @@ class EngineGenerator:
         loop = asyncio.new_event_loop()
         waiting: dict[asyncio.Task, tuple[int, Sequence]] = {}
         try:
-            for index, ids, max_new, stops in jobs:
-                seq = Sequence(ids, SamplingParams(max_new_tokens=max_new, temperature=0.0,
-                                                   stop=stops), loop=loop)
-                if not self.scheduler.submit(seq):
-                    raise RuntimeError("the generation scheduler refused a request")
+            seqs = [(index, Sequence(ids, SamplingParams(max_new_tokens=max_new,
+                                                         temperature=0.0, stop=stops),
+                                     loop=loop)) for index, ids, max_new, stops in jobs]
+            if not self.scheduler.submit_all([seq for _, seq in seqs]):
+                raise RuntimeError("the generation scheduler refused the items")
+            for index, seq in seqs:
                 waiting[loop.create_task(seq.queue.get())] = (index, seq)
             while waiting:
                 done, _ = loop.run_until_complete(
