@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 
 from server.errors import ConfigError
 
@@ -29,7 +29,8 @@ def shell_command(url: str) -> tuple[list[str], dict[str, str]]:
         if parsed.password is not None:
             env["PGPASSWORD"] = parsed.password
         # libpq's own URI form (no driver suffix, no password) as psql's dbname.
-        libpq = parsed.set(drivername="postgresql", password=None)
+        libpq = URL.create("postgresql", username=parsed.username, host=parsed.host,
+                           port=parsed.port, database=parsed.database, query=parsed.query)
         tool, args = "psql", [libpq.render_as_string(hide_password=False)]
     else:
         raise ConfigError(f"no shell for {backend} databases (sqlite and postgresql have one)")
