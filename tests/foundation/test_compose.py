@@ -14,6 +14,7 @@ import json
 import re
 from pathlib import Path
 
+import dockerfile
 import jsonschema
 import pytest
 import yaml
@@ -157,28 +158,32 @@ def test_gpu_override_reserves_a_device_and_switches_the_wheel():
 
 
 def test_the_image_is_multi_stage_non_root_and_not_editable():
-    lines = [line.strip() for line in (COMPOSE / "Dockerfile").read_text().splitlines()]
-    stages = [line for line in lines if line.startswith("FROM ")]
-    assert len(stages) >= 2 and all(" AS " in s for s in stages)
-    final = lines[lines.index(stages[-1]):]
-    users = [line.split()[1] for line in final if line.startswith("USER ")]
+    # BuildKit's own parser (the `dockerfile` package): a syntax error fails here.
+    steps = dockerfile.parse_file(str(COMPOSE / "Dockerfile"))
+    stages = [i for i, s in enumerate(steps) if s.cmd == "FROM"]
+    assert len(stages) >= 2 and all(steps[i].value[1].upper() == "AS" for i in stages)
+    final = steps[stages[-1]:]
+    users = [s.value[0] for s in final if s.cmd == "USER"]
     assert users and users[-1] not in ("root", "0")
-    installs = " ".join(line for line in lines if "pip install" in line)
-    assert " -e " not in installs and "--editable" not in installs
-    assert installs.count("-c constraints.txt") == 2  # the exact torch pin
-    assert 'ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu' in lines
-    assert '--index-url "${TORCH_INDEX}" torch' in installs
-    assert any(line.startswith("HEALTHCHECK") for line in final)
-    assert not any(re.match(r"COPY\s+models\.yaml", line) for line in lines)  # mounted
-    # Everything the build copies is in the context, and .dockerignore keeps it out
-    # of nothing it needs while leaving out the heavy and the secret.
+    assert any(s.cmd == "COPY" and "--from=build" in s.flags for s in final)
+    installs = [s.value[0] for s in steps if s.cmd == "RUN" and "pip install" in s.value[0]]
+    assert installs and all("-c constraints.txt" in run for run in installs)  # exact torch
+    assert not any(re.search(r"\s(-e|--editable)\s", run) for run in installs)
+    assert 'TORCH_INDEX=https://download.pytorch.org/whl/cpu' in [
+        s.value[0] for s in steps if s.cmd == "ARG"]
+    assert any('--index-url "${TORCH_INDEX}" torch' in run for run in installs)
+    health, = [s for s in final if s.cmd == "HEALTHCHECK"]
+    assert health.value[0] == "CMD" and "/readyz" in health.value[-1]
+    copies = [s for s in steps if s.cmd == "COPY" and not s.flags]
+    assert not any("models.yaml" in s.value for s in copies)  # mounted at run time
+    # Everything the build copies is in the context and not excluded by .dockerignore,
+    # which leaves out the heavy and the secret.
     ignored = {line for line in (ROOT / ".dockerignore").read_text().splitlines()
                if line and not line.startswith("#")}
     assert {".git", ".venv", ".env", "compose/.env", "models", "tests"} <= ignored
-    for line in lines:
-        if line.startswith("COPY ") and "--from" not in line:
-            for source in line.split()[1:-1]:
-                assert (ROOT / source).exists() and source not in ignored, source
+    for step in copies:
+        for source in step.value[:-1]:
+            assert (ROOT / source).exists() and source not in ignored, source
 
 
 def test_every_file_the_stack_mounts_or_builds_from_exists(stack):
