@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 
 from evalsuite.tasks.base import Task
 from server.errors import InvalidRequest, Unavailable
+from server.extras import require
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -129,8 +130,7 @@ def _local_fewshot(opts: DataOptions, task: Task) -> tuple[list[dict], str]:
 
 def _datasets():
     """`datasets`, without its progress bars and info logs (the CLI has its own)."""
-    import datasets
-
+    datasets = require("datasets", "eval", "loading evaluation data")
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     return datasets
