@@ -17,7 +17,7 @@ from server.api import bodies, errors, metrics
 from server.api.direct import DirectRoutes, direct_routes
 from server.api.middleware import RequestContextMiddleware
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
-from server.api.routes import admin, generate, health, openai
+from server.api.routes import admin, backends, generate, health, openai
 from server.api.routes import models as model_routes
 from server.api.routes import usage as usage_routes
 from server.api.serving import Gateway
@@ -64,8 +64,7 @@ def create_app(settings: Settings | None = None, models: ModelsConfig | None = N
         state.gateway = Gateway(settings, manager, limiter=limiter, cache=state.cache)
         app.state.llmctl = state
         metrics.watch_engines(manager)
-        if settings.preload:
-            await manager.preload()
+        await manager.preload()
         try:
             yield
         finally:
@@ -83,7 +82,7 @@ def create_app(settings: Settings | None = None, models: ModelsConfig | None = N
     app = FastAPI(title="llmctl", version="0.1.0", lifespan=lifespan,
                   docs_url="/docs", redoc_url=None)
     errors.install(app)
-    for module in (health, generate, openai, model_routes, usage_routes, admin):
+    for module in (health, generate, openai, model_routes, usage_routes, admin, backends):
         app.include_router(module.router)
     bodies.install_schemas(app, [GenerateRequest, CompletionRequest, ChatCompletionRequest])
     # Innermost first: the request context wraps the completion routes' direct dispatch.

@@ -26,7 +26,7 @@ from server.engines.base import (
     StreamDelta,
     TokenLogprob,
 )
-from server.errors import InvalidRequest, PermissionDenied
+from server.errors import InvalidRequest, LlmctlError, PermissionDenied
 from server.services.keys import KeyInfo
 from server.services.logstore import RequestRecord
 
@@ -62,6 +62,27 @@ class Call:
     created: int = 0
     # Time to first token counts from here: the request is validated and its model loaded.
     started: float = field(default_factory=time.perf_counter)
+    answered_by: str | None = None  # a fallback model that answered (from a shared flight)
+
+    @property
+    def model_name(self) -> str:
+        """The model that answered: a fallback's name when this model's backends could
+        not (the `model` field of the response)."""
+        served = next((r.served_model for r in self.requests if r.served_model), None)
+        return self.answered_by or served or self.spec.name
+
+    @property
+    def fell_back(self) -> bool:
+        return self.model_name != self.spec.name
+
+    def route_headers(self, record: RequestRecord | None) -> dict[str, str]:
+        """`x-llmctl-backend` and the log's backend and attempts, from the router's
+        notes on the requests (models with replicas or fallbacks only)."""
+        served = ",".join(dict.fromkeys(r.served_by for r in self.requests if r.served_by))
+        attempts = sum(r.attempts for r in self.requests)
+        if record is not None and attempts:
+            record.backend, record.attempts = served[:128] or None, attempts
+        return {"x-llmctl-backend": served} if served else {}
 
 
 def completion_from_dict(data: dict) -> Completion:
@@ -82,9 +103,14 @@ class Outcome:
     cache_status: str  # hit | miss | bypass
     headers: dict[str, str]
 
-    def cache_value(self) -> dict:
-        return {"id": self.id, "created": self.created,
-                "choices": [dataclasses.asdict(c) for c in self.choices]}
+    def cache_value(self, model: str | None = None) -> dict:
+        """What the cache stores, and what a shared flight hands its waiters (`model`:
+        the fallback that answered, never stored)."""
+        value = {"id": self.id, "created": self.created,
+                 "choices": [dataclasses.asdict(c) for c in self.choices]}
+        if model is not None:
+            value["model"] = model
+        return value
 
 
 _ID_PREFIX = {"generate": "gen-", "completions": "cmpl-", "chat": "chatcmpl-"}
@@ -195,12 +221,17 @@ class Gateway:
             if self.cache is not None:
                 self.cache.record_bypass()
             value = await self._generate_all(call)
-            if cache_key is not None and call.policy.store:
+            if cache_key is not None and call.policy.store and not call.fell_back:
                 await self.cache.put(cache_key, value)
             return value, "bypass"
-        value, layer = await self.cache.single_flight(
-            cache_key, lambda: self._generate_all(call), store=call.policy.store)
-        return value, "hit" if layer else "miss"
+        async with self.cache.flight(cache_key, store=call.policy.store) as flight:
+            if flight.hit:
+                return flight.value, "hit"
+            value = await self._generate_all(call)
+            # A fallback model's answer is not this model's: never stored under its key.
+            flight.store = flight.store and not call.fell_back
+            await flight.fulfil(value)
+            return value, "miss"
 
     async def _admit(self, key: KeyInfo, call: Call):
         if self.limiter is None:
@@ -233,7 +264,8 @@ class Gateway:
 
     async def _generate_all(self, call: Call) -> dict:
         choices = await asyncio.gather(*(call.engine.generate(r) for r in call.requests))
-        return Outcome(call.id, call.created, list(choices), "miss", {}).cache_value()
+        return Outcome(call.id, call.created, list(choices), "miss", {}).cache_value(
+            call.model_name if call.fell_back else None)
 
     async def _cached(self, call: Call, cache_key) -> dict | None:
         """A plain lookup before admission: the hit path holds no quota and writes
@@ -252,8 +284,10 @@ class Gateway:
         return await self.limiter.admit(key, reserve_tokens=call.reserve_tokens if charge else 0,
                                         hold_quota=charge)
 
-    async def run(self, key: KeyInfo, record: RequestRecord | None, call: Call) -> Outcome:
-        """A non-streaming call."""
+    async def run(self, key: KeyInfo, record: RequestRecord | None, call: Call,
+                  guard=None) -> Outcome:
+        """A non-streaming call. `guard(awaitable)` wraps the generation (not a cache
+        hit): the routes' stops it when the client disconnects (api/disconnect.py)."""
         cache_key = self._cache_key(key, call)
         hit = await self._cached(call, cache_key)
         admission = await (self._admit_hit(key, call) if hit is not None
@@ -263,13 +297,19 @@ class Gateway:
             if hit is not None:
                 value, status = hit, "hit"
             else:
-                value, status = await self._cached_or_generated(call, cache_key)
+                work = self._cached_or_generated(call, cache_key)
+                value, status = await (guard(work) if guard is not None else work)
+            call.answered_by = value.get("model")
+            headers = dict(admission.headers) if admission else {}
             outcome = Outcome(value["id"], value["created"],
                               [completion_from_dict(c) for c in value["choices"]], status,
-                              dict(admission.headers) if admission else {})
+                              {**headers, **call.route_headers(record)})
             charged = self._charge(call, outcome)
             self._finish(record, call, outcome, charged)
             return outcome
+        except BaseException:
+            call.route_headers(record)  # a failed request's log shows its attempts too
+            raise
         finally:
             if admission is not None:
                 await admission.settle(charged)
@@ -310,7 +350,9 @@ class Gateway:
             streams = [call.engine.stream(r) for r in call.requests]
             merged = _merge(streams)
             first = await anext(merged)  # surfaces Overloaded etc. before the response
+            headers.update(call.route_headers(record))
         except BaseException as exc:
+            call.route_headers(record)
             if flight is not None:
                 await flight.release(exc)
             if admission is not None:
@@ -363,23 +405,28 @@ class Gateway:
                 record.ttft_ms = ttft * 1000 if ttft is not None else None
             charged = self._charge(call, outcome)
             self._finish(record, call, outcome, charged)
+            call.route_headers(record)
             if flight is not None:
-                await flight.fulfil(outcome.cache_value())  # wakes waiters, stores
-            elif cache_key is not None and call.policy.store:
+                # Waiters get the answer; a fallback model's is never stored as this one's.
+                flight.store = flight.store and not call.fell_back
+                await flight.fulfil(outcome.cache_value(
+                    call.model_name if call.fell_back else None))
+            elif cache_key is not None and call.policy.store and not call.fell_back:
                 await self.cache.put(cache_key, outcome.cache_value())
         except (GeneratorExit, asyncio.CancelledError) as exc:
             if flight is not None:
                 await flight.release(exc)  # a waiting identical request takes over
             # The client went away: generation stops (engine streams are closed below)
             # and what was produced is still charged and logged.
-            charged = call.prompt_tokens + produced
-            if record is not None:
-                record.stream = True
-                record.prompt_tokens, record.completion_tokens = call.prompt_tokens, produced
-                record.charged_tokens = charged
-                record.error_type = "client_disconnected"
-                record.finish_reason = "abort"
-                record.status = 499
+            charged = _cut_short(record, call, produced, 499, "client_disconnected", None)
+            raise
+        except LlmctlError as exc:
+            if flight is not None:
+                await flight.release(exc)
+            # A stream that has started is never retried: it ends with an error event
+            # (sse.guarded), and the key is charged the tokens it was sent.
+            charged = _cut_short(record, call, produced, exc.status_code,
+                                 exc.code or exc.error_type, exc.message)
             raise
         except BaseException as exc:
             if flight is not None:
@@ -390,6 +437,21 @@ class Gateway:
                 await merged.aclose()
             if admission is not None:
                 await admission.settle(charged)
+
+
+def _cut_short(record: RequestRecord | None, call: Call, produced: int, status: int,
+               error_type: str, message: str | None) -> int:
+    """Log a stream that ended early; what it delivered is what it is charged."""
+    charged = call.prompt_tokens + produced
+    if record is not None:
+        record.stream = True
+        record.prompt_tokens, record.completion_tokens = call.prompt_tokens, produced
+        record.charged_tokens = charged
+        record.error_type, record.error_message = error_type, message
+        record.finish_reason = "abort" if status == 499 else "error"
+        record.status = status
+        call.route_headers(record)
+    return charged
 
 
 def count_usage(call: Call, choices: list[Completion]) -> tuple[int, int]:

@@ -45,6 +45,11 @@ class EngineRequest:
     messages: list[dict] | None = None
     request_id: str = ""
     echo_logprobs: bool = False  # also return per-token logprobs of the prompt
+    # Filled in by the router (server/engines/router.py) for models with replicas or
+    # fallbacks: who answered, and how many backend attempts it took.
+    served_model: str | None = None
+    served_by: str | None = None  # "model/backend"
+    attempts: int = 0
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 Engines are built from models.yaml on first use (or at start with --preload) and
 kept for the life of the app. Local models go to LocalEngine (transformers), remote
-ones to HttpLLMClient; tests may pass their own `engine_factory`.
+ones to HttpLLMClient; tests may pass their own `engine_factory`. A model with
+several backends or with fallbacks (or that is another's fallback) is a RouterEngine
+over one such engine per backend, all sharing the gateway's RetryBudget.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Callable
 
 from server.config import ModelsConfig, ModelSpec, Settings
 from server.engines.base import ModelEngine
+from server.engines.retrybudget import RetryBudget
 from server.errors import ModelNotFound
 
 EngineFactory = Callable[[ModelSpec, Settings], ModelEngine]
@@ -38,6 +41,8 @@ class MultiModelManager:
         self._on_engine = on_engine  # e.g. to hook metrics into each new engine
         self._engines: dict[str, ModelEngine] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self.budget = RetryBudget(settings.retry_budget_ratio, settings.retry_budget_min)
+        self._fallback_targets = config.fallback_targets
 
     @property
     def specs(self) -> list[ModelSpec]:
@@ -64,16 +69,37 @@ class MultiModelManager:
         async with lock:
             engine = self._engines.get(spec.name)
             if engine is None:
-                engine = self._factory(spec, self.settings)
-                if self._on_engine is not None:
-                    self._on_engine(spec, engine)
+                engine = self._build(spec)
                 self._engines[spec.name] = engine
             await engine.start()
             return engine
 
+    def routed(self, spec: ModelSpec) -> bool:
+        return spec.routed or spec.name in self._fallback_targets
+
+    def _build(self, spec: ModelSpec) -> ModelEngine:
+        if not self.routed(spec):
+            [(_name, _weight, replica)] = spec.replicas()  # a one-entry `backends` list too
+            return self._make(replica)
+        from server.engines.router import Backend, RouterEngine
+
+        backends = [Backend(spec.name, name, self._make(replica), weight, replica, spec.routing)
+                    for name, weight, replica in spec.replicas()]
+        return RouterEngine(spec, backends, self.budget,
+                            resolve=lambda name: self.get(self.spec(name)))
+
+    def _make(self, spec: ModelSpec) -> ModelEngine:
+        engine = self._factory(spec, self.settings)
+        if self._on_engine is not None:
+            self._on_engine(spec, engine)
+        return engine
+
     async def preload(self) -> None:
+        """Load local models now. Routed models whose backends are all remote start
+        too (nothing to load): their health is watched from the start."""
         for spec in self.specs:
-            if spec.type == "local":
+            local = any(replica.type == "local" for _, _, replica in spec.replicas())
+            if (local and self.settings.preload) or (not local and self.routed(spec)):
                 await self.get(spec)
 
     def engine_stats(self) -> dict[str, dict]:
@@ -81,6 +107,31 @@ class MultiModelManager:
 
     async def health(self) -> dict[str, tuple[bool, str]]:
         return {name: await e.health() for name, e in self._engines.items()}
+
+    @staticmethod
+    async def model_status(engine: ModelEngine) -> dict:
+        """{ok, reason[, backends]}: a loaded model's health, per backend when routed."""
+        ok, reason = await engine.health()
+        status = {"ok": ok, "reason": reason}
+        backends = getattr(engine, "status", None)
+        if callable(backends):
+            status["backends"] = backends()
+        return status
+
+    async def status(self) -> list[dict]:
+        """Every configured model: loaded or not, health, fallbacks and backends (what
+        `llmctl models status` shows)."""
+        out = []
+        for spec in self.specs:
+            engine = self._engines.get(spec.name)
+            entry = {"model": spec.name, "loaded": engine is not None,
+                     "fallbacks": list(spec.fallbacks)}
+            if engine is None:
+                entry |= {"ok": None, "reason": "not loaded", "backends": []}
+            else:
+                entry |= {"backends": [], **await self.model_status(engine)}
+            out.append(entry)
+        return out
 
     async def close(self) -> None:
         engines, self._engines = list(self._engines.values()), {}

@@ -1,4 +1,8 @@
-"""/healthz (the process answers), /readyz (it can serve), /metrics (Prometheus)."""
+"""/healthz (the process answers), /readyz (it can serve), /metrics (Prometheus).
+
+A model with replicas is ready while at least one of its backends is in rotation;
+its check lists every backend and whether it is.
+"""
 
 from __future__ import annotations
 
@@ -33,8 +37,7 @@ async def readyz(state: State):
             if state.settings.preload and spec.type == "local":
                 checks[f"model:{spec.name}"] = {"ok": False, "reason": "not loaded yet"}
             continue
-        ok, reason = await engine.health()
-        checks[f"model:{spec.name}"] = {"ok": ok, "reason": reason}
+        checks[f"model:{spec.name}"] = await state.manager.model_status(engine)
     if state.redis is not None:
         # Fail-open keeps serving on per-process limits: ready, with the reason shown.
         redis = state.redis.status()
