@@ -173,8 +173,7 @@ def test_a_client_that_leaves_cancels_the_backend_request(
         live_server_factory, fake_backend_factory, tmp_path):
     hung = fake_backend_factory("hang")
     config = tmp_path / "gw.yaml"
-    config.write_text("models:\n" + model("m", backend(hung.url, "h1", first_byte_timeout=60),
-                                          ))
+    config.write_text("models:\n" + model("m", backend(hung.url, "h1", first_byte_timeout=60)))
     gw = live_server_factory(str(config), home=tmp_path / "gw")
     key = gw.create_key("leaver")
     with pytest.raises(httpx.ReadTimeout):
