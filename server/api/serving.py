@@ -339,6 +339,7 @@ class Gateway:
                 flight = await self.cache.join(cache_key, store=call.policy.store)
                 if flight.hit:
                     value = flight.value
+                    call.answered_by = value.get("model")
                     outcome = Outcome(value["id"], value["created"],
                                       [completion_from_dict(c) for c in value["choices"]], "hit",
                                       headers)
