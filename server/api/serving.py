@@ -406,7 +406,6 @@ class Gateway:
                 record.ttft_ms = ttft * 1000 if ttft is not None else None
             charged = self._charge(call, outcome)
             self._finish(record, call, outcome, charged)
-            call.route_headers(record)
             if flight is not None:
                 # Waiters get the answer; a fallback model's is never stored as this one's.
                 flight.store = flight.store and not call.fell_back
@@ -451,7 +450,6 @@ def _cut_short(record: RequestRecord | None, call: Call, produced: int, status: 
         record.error_type, record.error_message = error_type, message
         record.finish_reason = "abort" if status == 499 else "error"
         record.status = status
-        call.route_headers(record)
     return charged
 
 

@@ -267,8 +267,11 @@ class RouterEngine(ModelEngine):
             raise UpstreamError(f"model {self.spec.name!r}: backend {backend.name!r} failed "
                                 f"mid-stream: {exc.message}",
                                 code="upstream_stream_broken") from None
-        except BaseException:
+        except (GeneratorExit, asyncio.CancelledError):
             outcome = "cancelled"
+            raise
+        except Exception:
+            outcome = "other"
             raise
         finally:
             with contextlib.suppress(Exception):

@@ -37,7 +37,10 @@ def test_a_backend_killed_mid_run_costs_no_client_request(
     env = {"LLMCTL_CACHE_ENABLED": "false"}
     backends = {}
     for name in ("b1", "b2", "b3"):
-        server = live_server_factory(tiny_models_yaml, home=tmp_path / name, env=env,
+        # One torch thread each: three model processes share this machine's two cores,
+        # and with a pool per core each, spinning threads starve whichever runs last.
+        server = live_server_factory(tiny_models_yaml, home=tmp_path / name,
+                                     env={**env, "LLMCTL_TORCH_THREADS": "1"},
                                      args=("--preload",))
         server.create_key("gateway", "--value", secret)
         backends[name] = server
