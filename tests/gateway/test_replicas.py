@@ -186,3 +186,14 @@ def test_a_client_that_leaves_cancels_the_backend_request(
     assert hung.stats() == {"requests": 1, "abandoned": 1}
     logged = json.loads(gw.cli("logs", "search", "--json").stdout)["items"]
     assert [(e["status"], e["error_type"]) for e in logged] == [(499, "client_disconnected")]
+
+
+def test_models_status_without_a_gateway_is_one_line():
+    from typer.testing import CliRunner
+
+    from llmctl.cli import app
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    result = CliRunner().invoke(app, ["models", "status", "--url", url, "--api-key", "k"])
+    assert result.exit_code == 1
+    assert result.output.strip() == f"error: cannot reach the gateway at {url}: ConnectError"
