@@ -1,6 +1,7 @@
 """MultiModelManager: routes a request's `model` to its engine.
 
-Engines are built from models.yaml on first use (or at start with --preload) and
+Engines are built from models.yaml on first use, in the background at start for
+the default model (`llmctl serve` without --lazy), or all at start (--preload), and
 kept for the life of the app. Local models go to LocalEngine (transformers), remote
 ones to HttpLLMClient; tests may pass their own `engine_factory`. A model with
 several backends or with fallbacks (or that is another's fallback) is a RouterEngine
@@ -10,12 +11,15 @@ over one such engine per backend, all sharing the gateway's RetryBudget.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 
 from server.config import ModelsConfig, ModelSpec, Settings
 from server.engines.base import ModelEngine
 from server.engines.retrybudget import RetryBudget
 from server.errors import ModelNotFound
+
+log = logging.getLogger("llmctl.engines")
 
 EngineFactory = Callable[[ModelSpec, Settings], ModelEngine]
 EngineHook = Callable[[ModelSpec, ModelEngine], None]
@@ -43,6 +47,8 @@ class MultiModelManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self.budget = RetryBudget(settings.retry_budget_ratio, settings.retry_budget_min)
         self._fallback_targets = config.fallback_targets
+        self._warming: dict[str, asyncio.Task] = {}
+        self._failed: dict[str, str] = {}  # model name → why its last load failed
 
     @property
     def specs(self) -> list[ModelSpec]:
@@ -71,7 +77,12 @@ class MultiModelManager:
             if engine is None:
                 engine = self._build(spec)
                 self._engines[spec.name] = engine
-            await engine.start()
+            try:
+                await engine.start()
+            except Exception as exc:
+                self._failed[spec.name] = getattr(exc, "message", None) or repr(exc)
+                raise
+            self._failed.pop(spec.name, None)
             return engine
 
     def routed(self, spec: ModelSpec) -> bool:
@@ -94,12 +105,47 @@ class MultiModelManager:
             self._on_engine(spec, engine)
         return engine
 
+    def load_in_background(self, spec: ModelSpec) -> None:
+        """Start loading `spec` now; a request for it meanwhile waits on the same load.
+        A failure is logged in one line and shown by /readyz (see status)."""
+        async def load():
+            try:
+                await self.get(spec)
+            except Exception:
+                log.error("model %r did not load: %s", spec.name, self._failed.get(spec.name))
+
+        self._warming[spec.name] = asyncio.create_task(load(), name=f"load {spec.name}")
+
+    def status(self, spec: ModelSpec) -> str:
+        """loaded, loading, failed or not loaded (it loads on its first request)."""
+        engine = self._engines.get(spec.name)
+        if engine is not None and engine.ready:
+            return "loaded"
+        if spec.name in self._failed:
+            return "failed"
+        task = self._warming.get(spec.name)
+        lock = self._locks.get(spec.name)
+        if (task is not None and not task.done()) or (lock is not None and lock.locked()):
+            return "loading"
+        return "not loaded"
+
+    def failure(self, spec: ModelSpec) -> str | None:
+        return self._failed.get(spec.name)
+
+    @staticmethod
+    def _has_local(spec: ModelSpec) -> bool:
+        return any(replica.type == "local" for _, _, replica in spec.replicas())
+
     async def preload(self) -> None:
-        """Load local models now. Routed models whose backends are all remote start
-        too (nothing to load): their health is watched from the start."""
         for spec in self.specs:
-            local = any(replica.type == "local" for _, _, replica in spec.replicas())
-            if (local and self.settings.preload) or (not local and self.routed(spec)):
+            if self._has_local(spec):
+                await self.get(spec)
+
+    async def start_remote_routers(self) -> None:
+        """Start the routed models whose backends are all remote (nothing to load), so
+        that their backends' health is watched from the start."""
+        for spec in self.specs:
+            if self.routed(spec) and not self._has_local(spec):
                 await self.get(spec)
 
     def engine_stats(self) -> dict[str, dict]:
@@ -118,7 +164,7 @@ class MultiModelManager:
             status["backends"] = backends()
         return status
 
-    async def status(self) -> list[dict]:
+    async def describe(self) -> list[dict]:
         """Every configured model: loaded or not, health, fallbacks and backends (what
         `llmctl models status` shows)."""
         out = []
@@ -134,6 +180,8 @@ class MultiModelManager:
         return out
 
     async def close(self) -> None:
+        for task in self._warming.values():
+            task.cancel()
         engines, self._engines = list(self._engines.values()), {}
         for engine in engines:
             await engine.close()

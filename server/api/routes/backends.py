@@ -12,4 +12,4 @@ router = APIRouter(prefix="/v1/admin", dependencies=[Depends(require_admin)], ta
 
 @router.get("/models/status")
 async def models_status(state: State):
-    return {"models": await state.manager.status()}
+    return {"models": await state.manager.describe()}
