@@ -99,6 +99,14 @@ class UpstreamError(LlmctlError):
     code = "upstream_error"
 
 
+class ClientDisconnected(LlmctlError):
+    """The client left before its answer was ready (nginx's 499: nobody reads it)."""
+
+    status_code = 499
+    error_type = "client_disconnected"
+    code = "client_disconnected"
+
+
 class Unavailable(LlmctlError):
     status_code = 503
     error_type = "service_unavailable"

@@ -13,4 +13,5 @@ pytest_plugins = [
     "tests.plugins.models",
     "tests.plugins.live",
     "tests.plugins.fakeremote",
+    "tests.plugins.fakebackend",
 ]

@@ -19,7 +19,7 @@ from server.api.direct import DirectRoutes, direct_routes
 from server.api.drain import Drain, DrainMiddleware
 from server.api.middleware import RequestContextMiddleware
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
-from server.api.routes import admin, generate, health, openai
+from server.api.routes import admin, backends, generate, health, openai
 from server.api.routes import models as model_routes
 from server.api.routes import usage as usage_routes
 from server.api.serving import Gateway
@@ -74,6 +74,8 @@ def create_app(settings: Settings | None = None, models: ModelsConfig | None = N
             await manager.preload()
         elif load_default and models.default_model is not None:
             manager.load_in_background(manager.spec(None))
+        # Models with replicas on remote servers: watched from start-up.
+        await manager.start_remote_routers()
         try:
             yield
         finally:
@@ -91,7 +93,7 @@ def create_app(settings: Settings | None = None, models: ModelsConfig | None = N
     app = FastAPI(title="llmctl", version="0.1.0", lifespan=lifespan,
                   docs_url="/docs", redoc_url=None)
     errors.install(app)
-    for module in (health, generate, openai, model_routes, usage_routes, admin):
+    for module in (health, generate, openai, model_routes, usage_routes, admin, backends):
         app.include_router(module.router)
     bodies.install_schemas(app, [GenerateRequest, CompletionRequest, ChatCompletionRequest])
     errors.document(app)

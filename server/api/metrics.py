@@ -6,7 +6,7 @@ map over with a rename.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 from sqlalchemy.exc import SQLAlchemyError
@@ -32,6 +32,20 @@ USAGE_OVERREPORTED = Counter("llmctl_usage_overreported_tokens_total", "Tokens a
 LOG_WRITE_ERRORS = Counter("llmctl_request_log_write_errors_total", "Failed request-log "
                            "flushes (retried).")
 
+# Per backend of a model with replicas (server/engines/router.py). An attempt that is
+# retried elsewhere counts here once per backend it reached.
+BACKEND_REQUESTS = Counter("llmctl_backend_requests_total", "Backend attempts, by model and "
+                           "backend.", ["model_name", "backend"])
+BACKEND_ERRORS = Counter("llmctl_backend_errors_total", "Failed backend attempts by reason "
+                         "(connect, timeout, upstream, overloaded, stream, other).",
+                         ["model_name", "backend", "reason"])
+BACKEND_DURATION = Histogram("llmctl_backend_request_duration_seconds", "Backend attempt "
+                             "duration (a stream's until it ends).", ["model_name", "backend"],
+                             buckets=LATENCY_BUCKETS)
+BACKEND_IN_FLIGHT = Gauge("llmctl_backend_in_flight", "Requests outstanding at a backend.",
+                          ["model_name", "backend"])
+BACKEND_HEALTHY = Gauge("llmctl_backend_healthy", "1 while a backend is in rotation, 0 while "
+                        "it is ejected.", ["model_name", "backend"])
 
 _REQUEST_SERIES: dict[tuple[str, str, int], tuple] = {}
 

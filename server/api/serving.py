@@ -29,7 +29,7 @@ from server.engines.base import (
     StreamDelta,
     TokenLogprob,
 )
-from server.errors import InvalidRequest, PermissionDenied
+from server.errors import InvalidRequest, LlmctlError, PermissionDenied
 from server.services.keys import KeyInfo
 from server.services.logstore import RequestRecord
 
@@ -68,6 +68,27 @@ class Call:
     created: int = 0
     # Time to first token counts from here: the request is validated and its model loaded.
     started: float = field(default_factory=time.perf_counter)
+    answered_by: str | None = None  # a fallback model that answered (from a shared flight)
+
+    @property
+    def model_name(self) -> str:
+        """The model that answered: a fallback's name when this model's backends could
+        not (the `model` field of the response)."""
+        served = next((r.served_model for r in self.requests if r.served_model), None)
+        return self.answered_by or served or self.spec.name
+
+    @property
+    def fell_back(self) -> bool:
+        return self.model_name != self.spec.name
+
+    def route_headers(self, record: RequestRecord | None) -> dict[str, str]:
+        """`x-llmctl-backend` and the log's backend and attempts, from the router's
+        notes on the requests (models with replicas or fallbacks only)."""
+        served = ",".join(dict.fromkeys(r.served_by for r in self.requests if r.served_by))
+        attempts = sum(r.attempts for r in self.requests)
+        if record is not None and attempts:
+            record.backend, record.attempts = served[:128] or None, attempts
+        return {"x-llmctl-backend": served} if served else {}
 
 
 def completion_from_dict(data: dict) -> Completion:
@@ -88,9 +109,14 @@ class Outcome:
     cache_status: str  # hit | miss | bypass
     headers: dict[str, str]
 
-    def cache_value(self) -> dict:
-        return {"id": self.id, "created": self.created,
-                "choices": [dataclasses.asdict(c) for c in self.choices]}
+    def cache_value(self, model: str | None = None) -> dict:
+        """What the cache stores, and what a shared flight hands its waiters (`model`:
+        the fallback that answered, never stored)."""
+        value = {"id": self.id, "created": self.created,
+                 "choices": [dataclasses.asdict(c) for c in self.choices]}
+        if model is not None:
+            value["model"] = model
+        return value
 
 
 _ID_PREFIX = {"generate": "gen-", "completions": "cmpl-", "chat": "chatcmpl-"}
@@ -214,12 +240,17 @@ class Gateway:
             if self.cache is not None:
                 self.cache.record_bypass()
             value = await self._generate_all(call)
-            if cache_key is not None and call.policy.store:
+            if cache_key is not None and call.policy.store and not call.fell_back:
                 await self.cache.put(cache_key, value)
             return value, "bypass"
-        value, layer = await self.cache.single_flight(
-            cache_key, lambda: self._generate_all(call), store=call.policy.store)
-        return value, "hit" if layer else "miss"
+        async with self.cache.flight(cache_key, store=call.policy.store) as flight:
+            if flight.hit:
+                return flight.value, "hit"
+            value = await self._generate_all(call)
+            # A fallback model's answer is not this model's: never stored under its key.
+            flight.store = flight.store and not call.fell_back
+            await flight.fulfil(value)
+            return value, "miss"
 
     async def _admit(self, key: KeyInfo, call: Call):
         if self.limiter is None:
@@ -265,7 +296,8 @@ class Gateway:
     async def _generate_all(self, call: Call) -> dict:
         # Admitted as a whole by the engine, and cancelled as a whole when one fails.
         choices = await call.engine.generate_all(call.requests)
-        return Outcome(call.id, call.created, list(choices), "miss", {}).cache_value()
+        return Outcome(call.id, call.created, list(choices), "miss", {}).cache_value(
+            call.model_name if call.fell_back else None)
 
     async def _cached(self, call: Call, cache_key) -> dict | None:
         """A plain lookup before admission: the hit path holds no quota and writes
@@ -284,8 +316,10 @@ class Gateway:
         return await self.limiter.admit(key, reserve_tokens=call.reserve_tokens if charge else 0,
                                         hold_quota=charge)
 
-    async def run(self, key: KeyInfo, record: RequestRecord | None, call: Call) -> Outcome:
-        """A non-streaming call."""
+    async def run(self, key: KeyInfo, record: RequestRecord | None, call: Call,
+                  guard=None) -> Outcome:
+        """A non-streaming call. `guard(awaitable)` wraps the generation (not a cache
+        hit): the routes' stops it when the client disconnects (api/disconnect.py)."""
         cache_key = self._cache_key(key, call)
         hit = await self._cached(call, cache_key)
         admission = await (self._admit_hit(key, call) if hit is not None
@@ -295,13 +329,19 @@ class Gateway:
             if hit is not None:
                 value, status = hit, "hit"
             else:
-                value, status = await self._cached_or_generated(call, cache_key)
+                work = self._cached_or_generated(call, cache_key)
+                value, status = await (guard(work) if guard is not None else work)
+            call.answered_by = value.get("model")
+            headers = dict(admission.headers) if admission else {}
             outcome = Outcome(value["id"], value["created"],
                               [completion_from_dict(c) for c in value["choices"]], status,
-                              dict(admission.headers) if admission else {})
+                              {**headers, **call.route_headers(record)})
             charged = self._charge(call, outcome)
             self._finish(record, call, outcome, charged)
             return outcome
+        except BaseException:
+            call.route_headers(record)  # a failed request's log shows its attempts too
+            raise
         finally:
             if admission is not None:
                 await admission.settle(charged)
@@ -331,6 +371,7 @@ class Gateway:
                 flight = await self.cache.join(cache_key, store=call.policy.store)
                 if flight.hit:
                     value = flight.value
+                    call.answered_by = value.get("model")
                     outcome = Outcome(value["id"], value["created"],
                                       [completion_from_dict(c) for c in value["choices"]], "hit",
                                       headers)
@@ -341,7 +382,9 @@ class Gateway:
                 self.cache.record_bypass()
             merged = _merge(await call.engine.stream_all(call.requests))
             first = await anext(merged)  # surfaces Overloaded etc. before the response
+            headers.update(call.route_headers(record))
         except BaseException as exc:
+            call.route_headers(record)
             if flight is not None:
                 await flight.release(exc)
             if admission is not None:
@@ -395,8 +438,11 @@ class Gateway:
             charged = self._charge(call, outcome)
             self._finish(record, call, outcome, charged)
             if flight is not None:
-                await flight.fulfil(outcome.cache_value())  # wakes waiters, stores
-            elif cache_key is not None and call.policy.store:
+                # Waiters get the answer; a fallback model's is never stored as this one's.
+                flight.store = flight.store and not call.fell_back
+                await flight.fulfil(outcome.cache_value(
+                    call.model_name if call.fell_back else None))
+            elif cache_key is not None and call.policy.store and not call.fell_back:
                 await self.cache.put(cache_key, outcome.cache_value())
         except (GeneratorExit, asyncio.CancelledError) as exc:
             if flight is not None:
@@ -404,14 +450,15 @@ class Gateway:
             # The client went away: generation stops (engine streams are closed below)
             # and what was produced is still charged (never past the reservation) and
             # logged.
-            charged = min(call.prompt_tokens + produced, call.reserve_tokens)
-            if record is not None:
-                record.stream = True
-                record.prompt_tokens, record.completion_tokens = call.prompt_tokens, produced
-                record.charged_tokens = charged
-                record.error_type = "client_disconnected"
-                record.finish_reason = "abort"
-                record.status = 499
+            charged = _cut_short(record, call, produced, 499, "client_disconnected", None)
+            raise
+        except LlmctlError as exc:
+            if flight is not None:
+                await flight.release(exc)
+            # A stream that has started is never retried: it ends with an error event
+            # (sse.guarded), and the key is charged the tokens it was sent.
+            charged = _cut_short(record, call, produced, exc.status_code,
+                                 exc.code or exc.error_type, exc.message)
             raise
         except BaseException as exc:
             if flight is not None:
@@ -430,6 +477,21 @@ def capped(call: Call, choices: list[Completion]) -> Usage:
         choices, counted_prompt=call.prompt_tokens, prompt_bounds=call.prompt_bounds,
         per_prompt=max(1, len(call.requests) // max(1, len(call.prompt_texts))),
         max_new_tokens=call.requests[0].params.max_new_tokens if call.requests else 0)
+
+
+def _cut_short(record: RequestRecord | None, call: Call, produced: int, status: int,
+               error_type: str, message: str | None) -> int:
+    """Log a stream that ended early; what it delivered is what it is charged, never
+    more than was reserved."""
+    charged = min(call.prompt_tokens + produced, call.reserve_tokens)
+    if record is not None:
+        record.stream = True
+        record.prompt_tokens, record.completion_tokens = call.prompt_tokens, produced
+        record.charged_tokens = charged
+        record.error_type, record.error_message = error_type, message
+        record.finish_reason = "abort" if status == 499 else "error"
+        record.status = status
+    return charged
 
 
 def count_usage(call: Call, choices: list[Completion]) -> tuple[int, int]:

@@ -134,6 +134,9 @@ class RequestLog(Base):
     finish_reason: Mapped[str | None] = mapped_column(String(16), nullable=True)
     error_type: Mapped[str | None] = mapped_column(String(64), nullable=True)
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Models with replicas: the "model/backend" that answered, and the attempts it took.
+    backend: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    attempts: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # Stored only with LLMCTL_LOG_PROMPTS=true.
     prompt: Mapped[str | None] = mapped_column(Text, nullable=True)
     output: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -49,6 +49,11 @@ class EngineRequest:
     # OpenAI chat fields llmctl does not interpret (tools, tool_choice,
     # response_format): only remote engines take them, forwarded unchanged.
     extra: dict | None = None
+    # Filled in by the router (server/engines/router.py) for models with replicas or
+    # fallbacks: who answered, and how many backend attempts it took.
+    served_model: str | None = None
+    served_by: str | None = None  # "model/backend"
+    attempts: int = 0
 
 
 @dataclass

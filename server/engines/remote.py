@@ -3,7 +3,10 @@
 Speaks the OpenAI API (vLLM, TGI, Ollama, `transformers serve`, another llmctl) and,
 with `api: llmctl`, llmctl's own /v1/generate for plain text prompts. Connection
 errors are retried (httpx transport retries cover connect failures only, never a
-request the remote may have started); timeouts come from the model's entry.
+request the remote may have started). Timeouts come from the model's (or backend's)
+entry: `connect_timeout`, `first_byte_timeout` (until the response starts: for a
+non-streamed request that is the whole generation on most servers), `total_timeout`
+(the whole request), and `timeout`, the longest silence between two reads.
 Token counts are the ones the remote reports (the gateway caps them to each request's
 bound, server/api/bounds.py); with `tokenizer:` in the model's entry the gateway counts
 prompts itself with that tokenizer. Usage that is not a non-negative integer is a
@@ -13,6 +16,7 @@ malformed response (502), never a number to charge.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -141,6 +145,22 @@ class HttpLLMClient(ModelEngine):
             body["echo"] = True
         return "/v1/completions", body
 
+    def _timed_out(self, what: str, seconds: float) -> UpstreamError:
+        return UpstreamError(f"remote model {self.spec.name!r} at {self.base_url} {what} "
+                             f"({seconds:g}s)", code="upstream_timeout")
+
+    async def _send(self, route: str, body: dict) -> httpx.Response:
+        """POST, and wait for the response to start within the first-byte timeout.
+        The caller reads and closes the response."""
+        request = self._client.build_request("POST", route, json=body)
+        limit = self.spec.first_byte_timeout
+        try:
+            async with asyncio.timeout(limit):
+                return await self._client.send(request, stream=True)
+        except TimeoutError:
+            raise self._timed_out("sent nothing within its first-byte timeout",
+                                  limit) from None
+
     def _error(self, exc: Exception) -> LlmctlError:
         where = f"remote model {self.spec.name!r} at {self.base_url}"
         if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
@@ -206,10 +226,18 @@ class HttpLLMClient(ModelEngine):
         route, body = self._route_and_body(request, stream=False)
         start = time.perf_counter()
         try:
-            response = await self._client.post(route, json=body)
+            async with asyncio.timeout(self.spec.total_timeout):
+                response = await self._send(route, body)
+                try:
+                    await self._raise_for(response)
+                    await response.aread()
+                finally:
+                    await response.aclose()
         except httpx.HTTPError as exc:
             raise self._error(exc) from None
-        await self._raise_for(response)
+        except TimeoutError:
+            raise self._timed_out("did not finish within its total timeout",
+                                  self.spec.total_timeout) from None
         try:
             return self._completion(route, response.json(), request,
                                     time.perf_counter() - start)
@@ -221,10 +249,17 @@ class HttpLLMClient(ModelEngine):
         route, body = self._route_and_body(request, stream=True)
         start = time.perf_counter()
         text, finish, usage, ttft = [], "stop", {}, None
+        # Checked between events: a stream's consumer may change tasks, which
+        # asyncio.timeout does not allow; a silent remote is caught by `timeout`.
+        deadline = start + (self.spec.total_timeout or float("inf"))
         try:
-            async with self._client.stream("POST", route, json=body) as response:
+            response = await self._send(route, body)
+            async with contextlib.aclosing(response):
                 await self._raise_for(response)
                 async for line in response.aiter_lines():
+                    if time.perf_counter() > deadline:
+                        raise self._timed_out("did not finish within its total timeout",
+                                              self.spec.total_timeout)
                     if not line.startswith("data:"):
                         continue
                     payload = line[5:].strip()

@@ -10,7 +10,11 @@ A log entry as returned (`search` leaves out `prompt` and `output`):
     {"id", "request_id", "created_at", "key_id", "key_name", "model", "route",
      "status", "stream", "prompt_tokens", "completion_tokens", "total_tokens",
      "charged_tokens", "latency_ms", "ttft_ms", "cached", "cache_status",
-     "finish_reason", "error_type", "error_message"[, "prompt", "output"]}
+     "finish_reason", "error_type", "error_message"[, "backend", "attempts", "prompt",
+     "output"]}
+
+`show` and `export` add the backend that answered and the attempts it took (models
+with replicas) to the prompt and output.
 
 A search result: {"items": [entry, ...], "next_cursor": str | null, "limit": int}.
 """
@@ -38,7 +42,7 @@ FIELDS = ("id", "request_id", "created_at", "key_id", "key_name", "model", "rout
           "stream", "prompt_tokens", "completion_tokens", "total_tokens", "charged_tokens",
           "latency_ms", "ttft_ms", "cached", "cache_status", "finish_reason", "error_type",
           "error_message")
-FULL_FIELDS = (*FIELDS, "prompt", "output")
+FULL_FIELDS = (*FIELDS, "backend", "attempts", "prompt", "output")
 _STATUS_CLASS = re.compile(r"^([1-5])xx$")
 
 
@@ -128,7 +132,8 @@ def _entry(row: RequestLog, names: dict[int, str], full: bool = False) -> dict:
     data["total_tokens"] = (row.prompt_tokens or 0) + (row.completion_tokens or 0)
     ordered = {f: data[f] for f in FIELDS}
     if full:
-        ordered.update(prompt=row.prompt, output=row.output)
+        ordered.update(backend=row.backend, attempts=row.attempts, prompt=row.prompt,
+                       output=row.output)
     return ordered
 
 

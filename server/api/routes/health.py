@@ -2,7 +2,8 @@
 
 /readyz's `models` maps each configured model to loaded, loading, failed or not
 loaded (loads on its first request); a loading model, or a failed default model,
-makes it 503."""
+makes it 503. A model with replicas is ready while at least one of its backends is
+in rotation; its check lists every backend and whether it is."""
 
 from __future__ import annotations
 
@@ -42,8 +43,7 @@ async def readyz(state: State):
             checks[f"model:{spec.name}"] = {
                 "ok": False, "reason": state.manager.failure(spec) or status}
         elif engine is not None and status != "failed":
-            ok, reason = await engine.health()
-            checks[f"model:{spec.name}"] = {"ok": ok, "reason": reason}
+            checks[f"model:{spec.name}"] = await state.manager.model_status(engine)
         elif state.settings.preload and spec.type == "local":
             checks[f"model:{spec.name}"] = {"ok": False, "reason": "not loaded yet"}
     if state.redis is not None:
