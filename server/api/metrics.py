@@ -6,7 +6,7 @@ map over with a rename.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
@@ -25,6 +25,14 @@ QUEUE_TIME = Histogram("llmctl_request_queue_time_seconds", "Time a request wait
                        "batch slot.", ["model"], buckets=LATENCY_BUCKETS)
 LOG_WRITE_ERRORS = Counter("llmctl_request_log_write_errors_total", "Failed request-log "
                            "flushes (retried).")
+LOG_BACKLOG = Gauge("llmctl_request_log_backlog", "Request-log rows waiting in memory to be "
+                    "written.")
+LOG_ROWS_WRITTEN = Counter("llmctl_request_log_rows_written_total", "Request-log rows "
+                           "written to the database (each request once).")
+LOG_SPILLED = Counter("llmctl_request_log_spilled_rows_total", "Request-log rows kept only "
+                      "in the journal because the in-memory backlog was full.")
+LOG_SPILL_PENDING = Gauge("llmctl_request_log_spill_pending_rows", "Spilled request-log rows "
+                          "not yet replayed from the journal.")
 
 
 _REQUEST_SERIES: dict[tuple[str, str, int], tuple] = {}

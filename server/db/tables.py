@@ -85,6 +85,25 @@ class QuotaMonth(Base):
     reserved_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
+class QuotaReservation(Base):
+    """One admitted request's hold on its key's monthly quota, with a lease.
+
+    The row exists from admission until the request's log row is written (which
+    settles it in the same transaction) or its lease runs out (the owner crashed or
+    lost the database): then any replica deletes it and gives its tokens back to
+    `quota_months.reserved_tokens`. Deleting the row is what makes either happen once.
+    """
+
+    __tablename__ = "quota_reservations"
+    __table_args__ = (Index("ix_quota_reservations_expires_at", "expires_at"),)
+
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"))
+    month: Mapped[str] = mapped_column(String(7))
+    tokens: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
+
+
 class UsageMonthly(Base):
     """Aggregated usage per key, month and model."""
 
