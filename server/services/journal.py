@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -150,10 +151,16 @@ def _count_lines(path: Path) -> int:
         return sum(1 for line in f if line.endswith(b"\n"))
 
 
+@functools.cache
+def _names(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
 def encode(record) -> bytes:
-    data = dataclasses.asdict(record)
-    data["created_at"] = record.created_at.isoformat()
-    return json.dumps(data, separators=(",", ":")).encode() + b"\n"
+    """One JSON line; field names kept, so a journal outlives a change of fields.
+    (dataclasses.asdict deep-copies every value: 4x slower on the request path.)"""
+    data = {name: getattr(record, name) for name in _names(type(record))}
+    return json.dumps(data, separators=(",", ":"), default=datetime.isoformat).encode() + b"\n"
 
 
 def read(path: Path, record_type) -> list:
@@ -167,5 +174,6 @@ def read(path: Path, record_type) -> list:
                 continue
             data = json.loads(line)
             data["created_at"] = datetime.fromisoformat(data["created_at"])
-            records.append(record_type(**data))
+            known = _names(record_type)
+            records.append(record_type(**{k: v for k, v in data.items() if k in known}))
     return records

@@ -28,7 +28,6 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 from operator import attrgetter
-
 from pathlib import Path
 
 from sqlalchemy import bindparam, update

@@ -27,7 +27,7 @@ def test_first_requests_of_a_month_never_refuse_each_other(pg_url):
         barrier = threading.Barrier(30)
         held: list[bool] = []
 
-        def first(i, key=key, barrier=barrier, held=held):
+        def first(i, key=key, barrier=barrier, held=held, rep=rep):
             barrier.wait()
             held.append(quotas.reserve(db, key.id, month, 100, 10**8,
                                        request_id=f"{rep}-{i}", lease=60))
