@@ -303,9 +303,11 @@ class Admission:
         self.charged = max(0, int(charged_tokens))
         self._limiter._quota_leases.discard(self.reservation_id)
         if self.quota_held and self.record is not None:
-            # The log writer charges the record's charged_tokens and releases the
-            # reservation in the transaction that inserts the record: exactly once,
-            # also when the record is replayed from the journal after a crash.
+            # The log writer charges this and releases the reservation in the
+            # transaction that inserts the record: exactly once, also when the record
+            # is replayed from the journal after a crash. The logged charge is the
+            # settled one, so the quota, usage and logs cannot disagree.
+            self.record.charged_tokens = self.charged
             self.quota_held = False
         if not self.quota_held and not self.redis_work(self.charged, undo_request=False):
             # Nothing to wait for (in-memory limits, or nothing Redis must change, and

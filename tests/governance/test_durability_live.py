@@ -29,7 +29,7 @@ class Load:
     def __init__(self, url: str, secrets: list[str], clients: int):
         self.url, self.secrets, self.clients = url, secrets, clients
         self.received: list[tuple[str, int]] = []
-        self.bodies: dict[int, list[dict]] = {}
+        self.errors: dict[int, list[tuple[dict, httpx.Headers]]] = {}
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
 
@@ -68,8 +68,8 @@ class Load:
             r = await c.post("/v1/completions", json=body)
             r.read()
         self.received.append((r.headers["x-request-id"], r.status_code))
-        self.bodies.setdefault(r.status_code, []).append(r.json() if r.status_code != 200
-                                                         else {})
+        if r.status_code != 200:
+            self.errors.setdefault(r.status_code, []).append((r.json(), r.headers))
 
 
 def migrated(url: str) -> Database:
@@ -126,8 +126,9 @@ def metric(server, name: str) -> float:
 def no_500(load: Load) -> None:
     statuses = {status for _, status in load.received}
     assert not {s for s in statuses if s >= 500} - {503}, statuses
-    for body in load.bodies.get(503, []):
+    for body, headers in load.errors.get(503, []):
         assert body["error"]["code"] == "database_unavailable", body
+        assert int(headers["retry-after"]) >= 1
 
 
 async def test_postgres_outage_with_a_small_backlog(live_server_factory, tiny_models_yaml,
