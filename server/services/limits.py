@@ -287,9 +287,9 @@ class Admission:
         self.month = month
         self.quota_held = quota_held
         # The request's log record (server/services/logstore.RequestRecord), if any: its
-        # id names the quota reservation, and writing it settles the quota.
+        # record_id names the quota reservation, and writing it settles the quota.
         self.record = record
-        self.reservation_id = record.request_id if record is not None else member
+        self.reservation_id = record.record_id if record is not None else member
         self.headers = headers
         self.settled = False
         self.charged: int | None = None
@@ -375,7 +375,7 @@ class Limiter:
             try:
                 held = await asyncio.to_thread(
                     quotas.reserve, self.db, key.id, month, reserve, quota,
-                    request_id=adm.reservation_id, lease=self.quota_lease)
+                    record_id=adm.reservation_id, lease=self.quota_lease)
             except BaseException:
                 await self._settle(adm, 0, undo_request=True)
                 raise

@@ -9,7 +9,7 @@ quota reservation (server/services/quotas.py), so usage and the quota always equ
 the sum of the logs. A record that holds a quota reservation is written at once by
 `commit()`, so the next request of the same key sees its quota settled.
 
-Every write inserts under the unique `request_id` and settles only the rows it
+Every write inserts under the record's unique `record_id` and settles only the rows it
 inserted, so writing a record twice (a retry whose first attempt did commit, a
 journal replay after a crash) changes nothing: each request counts exactly once.
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 from dataclasses import dataclass, field
 from datetime import datetime
 from operator import attrgetter
@@ -48,6 +49,9 @@ class RequestRecord:
 
     request_id: str
     route: str
+    # Unique per record, unlike request_id (a client may choose that): what makes
+    # writing a record twice insert it once.
+    record_id: str = field(default_factory=lambda: os.urandom(16).hex())
     created_at: datetime = field(default_factory=utcnow)
     key_id: int | None = None
     model: str | None = None
@@ -65,7 +69,7 @@ class RequestRecord:
     error_message: str | None = None
     prompt: str | None = None
     output: str | None = None
-    # Set when the request holds a quota reservation (named by request_id) for this
+    # Set when the request holds a quota reservation (named by record_id) for this
     # month: writing the record charges charged_tokens and releases it.
     reserved_month: str | None = None
 
@@ -106,7 +110,7 @@ def _insert_sql(paramstyle: str, rows: int) -> str:
     row = f"({', '.join(mark for _ in _COLUMNS)})"
     return (f"INSERT INTO {RequestLog.__tablename__} ({', '.join(_COLUMNS)}) "
             f"VALUES {', '.join(row for _ in range(rows))} "
-            "ON CONFLICT (request_id) DO NOTHING RETURNING request_id")
+            "ON CONFLICT (record_id) DO NOTHING RETURNING record_id")
 
 
 def _insert_rows(conn, dialect, records: list[RequestRecord]) -> set[str]:
@@ -118,7 +122,7 @@ def _insert_rows(conn, dialect, records: list[RequestRecord]) -> set[str]:
     it back around every row, which is a thread switch for the event loop each time.
     One statement per 200 rows binds in C and releases the GIL once. The only value
     that needs converting is the timestamp on SQLite, stored as SQLAlchemy stores it
-    (ISO, microseconds). Returns the request ids inserted: those not already there."""
+    (ISO, microseconds). Returns the record ids inserted: those not already there."""
     sqlite_dates = dialect.name == "sqlite"
     inserted: set[str] = set()
     for i in range(0, len(records), _ROWS_PER_INSERT):
@@ -142,8 +146,8 @@ def write_batch(db, records: list[RequestRecord]) -> int:
         conn = s.connection()  # Core executemany; the ORM would treat these as bulk ops
         inserted = _insert_rows(conn, dialect, records)
         if len(inserted) < len(records):  # some were written before (or twice in this batch)
-            records = [r for r in records if r.request_id in inserted
-                       and not inserted.discard(r.request_id)]
+            records = [r for r in records if r.record_id in inserted
+                       and not inserted.discard(r.record_id)]
         _account(conn, dialect, records)
     return len(records)
 
@@ -176,7 +180,7 @@ def _account(conn, dialect, records: list[RequestRecord]) -> None:
         conn.execute(_usage_upsert(dialect.name), [
             {"key_id": k, "month": f"{y:04d}-{m:02d}", "model": model,
              **dict(zip(_USAGE, v, strict=True))} for (k, y, m, model), v in sorted(usage.items())])
-    quotas.settle_in(conn, [(r.request_id, r.key_id, r.reserved_month, r.charged_tokens)
+    quotas.settle_in(conn, [(r.record_id, r.key_id, r.reserved_month, r.charged_tokens)
                             for r in records if r.reserved_month and r.key_id is not None])
     if last_used:
         conn.execute(_TOUCH_KEY, [{"k": k, "t": t} for k, t in sorted(last_used.items())])

@@ -13,7 +13,8 @@ the WHERE on the locked row; SQLite serializes writers). The first request of a
 month creates the row with one INSERT ... ON CONFLICT DO UPDATE that carries the
 same check, so concurrent first requests neither race nor refuse each other.
 
-Each reservation is also a `quota_reservations` row, keyed by the request id, with a
+Each reservation is also a `quota_reservations` row, named by the request's log
+record (its `record_id`), with a
 lease (`LLMCTL_QUOTA_LEASE_SECONDS`) that its gateway renews while the request runs.
 Settling deletes that row and moves its tokens from reserved to used, in the same
 transaction as the request's log row (server/services/logstore.py), so a request is
@@ -97,10 +98,10 @@ def _first_reserve(db, key_id: int, month: str, tokens: int, quota: int):
     ).returning(QuotaMonth.key_id)
 
 
-def reserve(db, key_id: int, month: str, tokens: int, quota: int, *, request_id: str,
+def reserve(db, key_id: int, month: str, tokens: int, quota: int, *, record_id: str,
             lease: float) -> bool:
-    """Hold `tokens` of the month's `quota` for request `request_id`, leased for `lease`
-    seconds; False (nothing held) if they do not fit."""
+    """Hold `tokens` of the month's `quota` for the request logged as `record_id`, leased
+    for `lease` seconds; False (nothing held) if they do not fit."""
     cond = update(QuotaMonth).where(
         QuotaMonth.key_id == key_id, QuotaMonth.month == month,
         QuotaMonth.used_tokens + QuotaMonth.reserved_tokens + tokens <= quota,
@@ -111,7 +112,7 @@ def reserve(db, key_id: int, month: str, tokens: int, quota: int, *, request_id:
                 or s.execute(_first_reserve(db, key_id, month, tokens, quota)).first()
                 is not None)
         if held:
-            s.add(QuotaReservation(request_id=request_id, key_id=key_id, month=month,
+            s.add(QuotaReservation(record_id=record_id, key_id=key_id, month=month,
                                    tokens=tokens, expires_at=utcnow() + timedelta(seconds=lease)))
         return held
 
@@ -123,15 +124,15 @@ _SETTLE = (update(QuotaMonth).where(QuotaMonth.key_id == bindparam("k"),
 
 
 def settle_in(conn, charges: Iterable[tuple[str, int, str, int]]) -> None:
-    """In the caller's transaction: for each (request id, key id, month, charged),
+    """In the caller's transaction: for each (record id, key id, month, charged),
     release the request's reservation if it is still there and add `charged` to used.
     Rows are updated in key order, so concurrent settlers cannot deadlock."""
     charges = list(charges)
     if not charges:
         return
     held = dict(conn.execute(delete(QuotaReservation).where(
-        QuotaReservation.request_id.in_([c[0] for c in charges]))
-        .returning(QuotaReservation.request_id, QuotaReservation.tokens)).all())
+        QuotaReservation.record_id.in_([c[0] for c in charges]))
+        .returning(QuotaReservation.record_id, QuotaReservation.tokens)).all())
     _apply(conn, ((k, m, charged, held.get(rid, 0)) for rid, k, m, charged in charges))
 
 
@@ -147,19 +148,19 @@ def _apply(conn, deltas: Iterable[tuple[int, str, int, int]]) -> None:
                                for (k, m), (u, r) in sorted(rows.items())])
 
 
-def settle(db, request_id: str, key_id: int, month: str, charged: int) -> None:
-    """Turn request `request_id`'s reservation into `charged` used tokens (0 releases
-    it) on its own, for a caller that writes no log row."""
+def settle(db, record_id: str, key_id: int, month: str, charged: int) -> None:
+    """Turn reservation `record_id` into `charged` used tokens (0 releases it) on its
+    own, for a caller that writes no log row."""
     with db.session() as s:
-        settle_in(s.connection(), [(request_id, key_id, month, charged)])
+        settle_in(s.connection(), [(record_id, key_id, month, charged)])
 
 
-def renew(db, request_ids: Iterable[str], lease: float) -> None:
+def renew(db, record_ids: Iterable[str], lease: float) -> None:
     """Extend the leases of requests still running here."""
-    ids = sorted(request_ids)
+    ids = sorted(record_ids)
     if ids:
         with db.session() as s:
-            s.execute(update(QuotaReservation).where(QuotaReservation.request_id.in_(ids))
+            s.execute(update(QuotaReservation).where(QuotaReservation.record_id.in_(ids))
                       .values(expires_at=utcnow() + timedelta(seconds=lease))
                       .execution_options(synchronize_session=False))
 

@@ -30,7 +30,7 @@ def test_first_requests_of_a_month_never_refuse_each_other(pg_url):
         def first(i, key=key, barrier=barrier, held=held, rep=rep):
             barrier.wait()
             held.append(quotas.reserve(db, key.id, month, 100, 10**8,
-                                       request_id=f"{rep}-{i}", lease=60))
+                                       record_id=f"{rep}-{i}", lease=60))
 
         threads = [threading.Thread(target=first, args=(i,)) for i in range(30)]
         for t in threads:
@@ -43,7 +43,8 @@ def test_first_requests_of_a_month_never_refuse_each_other(pg_url):
 
 
 def record(rid: str, key_id: int, month: str | None, charged: int) -> RequestRecord:
-    return RequestRecord(request_id=rid, route="/v1/completions", key_id=key_id, model="tiny",
+    return RequestRecord(request_id=rid, record_id=rid, route="/v1/completions", key_id=key_id,
+                         model="tiny",
                          status=200, prompt_tokens=charged // 2,
                          completion_tokens=charged - charged // 2, charged_tokens=charged,
                          reserved_month=month)
@@ -62,7 +63,7 @@ def totals(db, key_id: int) -> tuple[int, int, int]:
 def test_a_record_settles_once_however_often_it_is_written(database):
     key = keys.create_key(database, name="q").key
     month = quotas.current_month()
-    assert quotas.reserve(database, key.id, month, 100, 1000, request_id="r1", lease=60)
+    assert quotas.reserve(database, key.id, month, 100, 1000, record_id="r1", lease=60)
     r1 = record("r1", key.id, month, 40)
     assert write_batch(database, [r1, r1]) == 1  # twice in one batch
     assert write_batch(database, [r1]) == 0  # a retry, a replay
@@ -71,8 +72,8 @@ def test_a_record_settles_once_however_often_it_is_written(database):
 
     # A lease that ran out (its gateway died) is reclaimed by anyone; the record,
     # replayed later, still charges what was served and releases nothing twice.
-    assert quotas.reserve(database, key.id, month, 100, 1000, request_id="r2", lease=-1)
-    assert quotas.reserve(database, key.id, month, 100, 1000, request_id="r3", lease=60)
+    assert quotas.reserve(database, key.id, month, 100, 1000, record_id="r2", lease=-1)
+    assert quotas.reserve(database, key.id, month, 100, 1000, record_id="r3", lease=60)
     assert quotas.ledger(database, key.id, month) == (40, 200)
     assert quotas.reclaim_expired(database) == 1
     assert quotas.ledger(database, key.id, month) == (40, 100)
@@ -81,7 +82,7 @@ def test_a_record_settles_once_however_often_it_is_written(database):
     quotas.renew(database, ["r3"], 60)
     assert quotas.reclaim_expired(database) == 0
     with database.session() as s:
-        assert s.scalars(select(QuotaReservation.request_id)).all() == ["r3"]
+        assert s.scalars(select(QuotaReservation.record_id)).all() == ["r3"]
     assert totals(database, key.id) == (2, 70, 70)
 
 
@@ -94,7 +95,7 @@ async def test_spill_during_a_postgres_outage_and_replay(postgres_server, tmp_pa
     key = keys.create_key(db, name="k").key
     month = quotas.current_month()
     for i in range(4):
-        assert quotas.reserve(db, key.id, month, 50, 10**6, request_id=f"q{i}", lease=60)
+        assert quotas.reserve(db, key.id, month, 50, 10**6, record_id=f"q{i}", lease=60)
     store = LogStore(db, interval=3600, max_backlog=3, journal_dir=tmp_path / "journal")
     store.start()
     try:

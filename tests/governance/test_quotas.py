@@ -48,7 +48,7 @@ def test_reserve_is_conditional(database):
     month = "2031-01"
 
     def reserve(rid, n):
-        return quotas.reserve(database, key.id, month, n, 100, request_id=rid, lease=60)
+        return quotas.reserve(database, key.id, month, n, 100, record_id=rid, lease=60)
 
     assert reserve("a", 60)
     assert not reserve("b", 41)
