@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     # How long a request's quota reservation lives unless its gateway renews it: what a
     # killed gateway's requests hold until any replica reclaims it.
     quota_lease_seconds: float = Field(default=60.0, gt=0)
+    # Largest request body accepted, in bytes; larger ones get 413 before they are read.
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     # --- redis
     # Unset: Redis is on exactly when a URL is given. REDIS_ENABLED/REDIS_URL are the
     # original design's names.
@@ -84,6 +86,13 @@ class Settings(BaseSettings):
     cache_ttl: int = 7 * 24 * 3600
     cache_scope: Literal["global", "key"] = "global"
     cache_hits_charge_quota: bool = False
+    # --- evals
+    # bwrap: bubblewrap namespaces + rlimits; rlimits-only must be asked for by name,
+    # it contains nothing but CPU, memory and file size (see evalsuite/sandbox.py).
+    sandbox_mode: Literal["bwrap", "rlimits-only"] = "bwrap"
+    sandbox_python: Path | None = None
+    # The gateway key for `llmctl eval --through` when --api-key is not given.
+    api_key: str | None = None
 
     @property
     def redis_active_url(self) -> str | None:
@@ -122,8 +131,14 @@ class ModelSpec(BaseModel):
     # remote only
     api: Literal["llmctl", "openai"] = "openai"
     api_key_env: str | None = None
+    # The tokenizer the remote uses (a local directory or hub id): prompts are counted
+    # with it for admission. Without it a prompt is bounded by its UTF-8 byte count.
+    tokenizer: str | None = None
     timeout: float = Field(default=60.0, gt=0)
     connect_timeout: float = Field(default=5.0, gt=0)
+    # remote: the remote model's tokenizer (hub id or directory), for clients that must
+    # count its tokens (evals left-truncate long prompts with it, as lm-eval does)
+    tokenizer: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
@@ -132,6 +147,12 @@ class ModelSpec(BaseModel):
         if self.name is None:
             self.name = self.id
         return self
+
+    @property
+    def api_key(self) -> str | None:
+        """The remote's key, from the environment variable named by `api_key_env` (a
+        name each models.yaml entry chooses, so it cannot be a Settings field)."""
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
 
     @property
     def source(self) -> str:

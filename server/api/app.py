@@ -14,7 +14,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from server.api import bodies, errors, metrics
+from server.api.bodylimit import BodyLimitMiddleware
 from server.api.direct import DirectRoutes, direct_routes
+from server.api.drain import Drain, DrainMiddleware
 from server.api.middleware import RequestContextMiddleware
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
 from server.api.routes import admin, generate, health, openai
@@ -25,7 +27,7 @@ from server.api.state import AppState
 from server.config import ModelsConfig, Settings, load_models_config
 from server.db.engine import Database
 from server.engines.manager import EngineFactory, MultiModelManager, default_engine_factory
-from server.services import sqlitereader
+from server.services import evalscores, sqlitereader
 from server.services.cache import CompletionCache
 from server.services.keys import KeyLookup
 from server.services.limits import Limiter
@@ -70,6 +72,7 @@ def create_app(settings: Settings | None = None, models: ModelsConfig | None = N
         state.gateway = Gateway(settings, manager, limiter=limiter, cache=state.cache)
         app.state.llmctl = state
         metrics.watch_engines(manager)
+        metrics.watch_evals(lambda: evalscores.latest_scores(db))
         if settings.preload:
             await manager.preload()
         elif load_default and models.default_model is not None:
@@ -94,8 +97,13 @@ def create_app(settings: Settings | None = None, models: ModelsConfig | None = N
     for module in (health, generate, openai, model_routes, usage_routes, admin):
         app.include_router(module.router)
     bodies.install_schemas(app, [GenerateRequest, CompletionRequest, ChatCompletionRequest])
+    errors.document(app)
     # Innermost first: the request context wraps the completion routes' direct dispatch.
     app.add_middleware(DirectRoutes, routes=direct_routes(generate.router, openai.router),
                        handlers=app.exception_handlers)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # `llmctl serve` sets `draining` on SIGTERM (server/api/drain.py).
+    app.state.drain = Drain()
+    app.add_middleware(DrainMiddleware, drain=app.state.drain)
     app.add_middleware(RequestContextMiddleware)
     return app

@@ -9,6 +9,9 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
+from sqlalchemy.exc import SQLAlchemyError
+
+from server.errors import LlmctlError
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
                    60, 120)
@@ -23,6 +26,9 @@ TTFT = Histogram("llmctl_time_to_first_token_seconds", "Time to first token of s
                  "responses.", ["model"], buckets=LATENCY_BUCKETS)
 QUEUE_TIME = Histogram("llmctl_request_queue_time_seconds", "Time a request waited for a "
                        "batch slot.", ["model"], buckets=LATENCY_BUCKETS)
+USAGE_OVERREPORTED = Counter("llmctl_usage_overreported_tokens_total", "Tokens a backend "
+                             "reported beyond a request's bound (prompt bound plus max "
+                             "tokens); capped, never charged.", ["model_name"])
 LOG_WRITE_ERRORS = Counter("llmctl_request_log_write_errors_total", "Failed request-log "
                            "flushes (retried).")
 LOG_BACKLOG = Gauge("llmctl_request_log_backlog", "Request-log rows waiting in memory to be "
@@ -83,3 +89,41 @@ def watch_engines(manager) -> None:
         REGISTRY.unregister(_collector)
     _collector = EngineCollector(manager)
     REGISTRY.register(_collector)
+
+
+class EvalScoreCollector(Collector):
+    """The latest stored eval score per (task, model, metric) and its run's finish time,
+    read from the database at scrape time by `read` (server/services/evalscores.py)."""
+
+    def __init__(self, read):
+        self.read = read
+
+    def collect(self):
+        score = GaugeMetricFamily("llmctl_eval_score", "Latest stored eval score (llmctl "
+                                  "eval) per task, model and metric.",
+                                  labels=["task", "model_name", "metric"])
+        when = GaugeMetricFamily("llmctl_eval_run_timestamp_seconds", "When the run behind "
+                                 "llmctl_eval_score finished (Unix time).",
+                                 labels=["task", "model_name"])
+        try:
+            rows = self.read()
+        except (SQLAlchemyError, LlmctlError):  # a scrape never fails on the database
+            rows = []
+        for row in rows:
+            for metric, value in row["metrics"].items():
+                score.add_metric([row["task"], row["model"], metric], value)
+            when.add_metric([row["task"], row["model"]], row["timestamp"])
+        yield score
+        yield when
+
+
+_eval_collector: EvalScoreCollector | None = None
+
+
+def watch_evals(read) -> None:
+    """Export the eval scores `read()` returns at each scrape (the latest app wins)."""
+    global _eval_collector
+    if _eval_collector is not None:
+        REGISTRY.unregister(_eval_collector)
+    _eval_collector = EvalScoreCollector(read)
+    REGISTRY.register(_eval_collector)

@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from server.api import metrics
+from server.api.bounds import Usage, byte_bound, capped_usage, hopeless
 from server.api.tokencounts import TokenCounts
 from server.config import ModelSpec
 from server.engines.base import (
@@ -29,6 +32,8 @@ from server.engines.base import (
 from server.errors import InvalidRequest, PermissionDenied
 from server.services.keys import KeyInfo
 from server.services.logstore import RequestRecord
+
+log = logging.getLogger("llmctl.api")
 
 
 @dataclass
@@ -54,8 +59,9 @@ class Call:
     engine: ModelEngine
     requests: list[EngineRequest]
     prompt_texts: list[str]  # exact text each prompt shows the model (cache key, logs)
-    prompt_tokens: int  # over all prompts, each counted once (OpenAI's usage)
-    reserve_tokens: int  # what admission holds against the quota
+    prompt_tokens: int  # over all prompts, each counted once (OpenAI's usage); 0: unknown
+    prompt_bounds: list[int]  # per prompt, the most tokens it can be (server/api/bounds.py)
+    reserve_tokens: int  # what admission holds against the quota: the request's bound
     cache_params: dict
     policy: CachePolicy = field(default_factory=CachePolicy)
     id: str = ""
@@ -135,9 +141,15 @@ class Gateway:
             inputs, texts = list(prompts or []), []
             for p in inputs:
                 texts.append(p if isinstance(p, str) else " ".join(map(str, p)))
-        counts = [self._count(engine, p, t, messages is not None) for p, t in zip(
-            inputs, texts, strict=True)]
         limit = engine.max_context
+        for text in texts:
+            if hopeless(text, limit, engine.longest_token):
+                raise InvalidRequest(
+                    f"{prompt_field}: {len(text)} characters cannot fit the context of model "
+                    f"{spec.name!r} ({limit} tokens)", param=prompt_field,
+                    code="context_length_exceeded")
+        counts = [await self._count(engine, p, t, messages is not None) for p, t in zip(
+            inputs, texts, strict=True)]
         if fit_context and limit is not None:
             room = min(limit - (c or 0) for c in counts)
             if 0 < room < params.max_new_tokens:
@@ -154,12 +166,14 @@ class Gateway:
                           extra=extra)
             for p in inputs for _ in range(n)
         ]
-        known = [c if c is not None else len(t) // 3 + 1 for c, t in zip(counts, texts,
-                                                                           strict=True)]
+        # Forwarded fields (tools, response_format) are prompt tokens at the remote too.
+        forwarded = byte_bound(json.dumps(extra)) if extra else 0
+        bounds = [(c if c is not None else byte_bound(t)) + forwarded
+                  for c, t in zip(counts, texts, strict=True)]
         call = Call(
             api=api, spec=spec, engine=engine, requests=requests, prompt_texts=texts,
-            prompt_tokens=sum(c or 0 for c in counts),
-            reserve_tokens=sum(known) * n + params.max_new_tokens * len(requests),
+            prompt_tokens=sum(c or 0 for c in counts), prompt_bounds=bounds,
+            reserve_tokens=sum(bounds) + params.max_new_tokens * len(requests),
             cache_params={**_fields(params), "n": n, "echo": echo_logprobs, "api": api},
             policy=policy or CachePolicy(),
             id=_ID_PREFIX[api] + os.urandom(16).hex(), created=int(time.time()),
@@ -168,11 +182,11 @@ class Gateway:
             record.prompt = "\n".join(texts)
         return call
 
-    def _count(self, engine: ModelEngine, prompt, text: str, chat: bool) -> int | None:
+    async def _count(self, engine: ModelEngine, prompt, text: str, chat: bool) -> int | None:
         if isinstance(prompt, list):
             return len(prompt)
         # A rendered chat template already holds its special tokens (a BOS, say).
-        return self.counts.count(engine, text, add_special_tokens=not chat)
+        return await self.counts.count(engine, text, add_special_tokens=not chat)
 
     # --- admission, cache and settlement
 
@@ -185,8 +199,11 @@ class Gateway:
         n = max(1, len(call.requests) // max(1, len(call.prompt_texts)))
         prompts = [r.prompt if r.messages is None else text
                    for r, text in zip(call.requests[::n], call.prompt_texts, strict=True)]
+        # Without a pinned revision, the fingerprint of the loaded weights: weights
+        # changed in place must not be answered from the old ones' entries.
         return self.cache.key_for(
-            model=call.spec.name, model_id=call.spec.id, revision=call.spec.revision,
+            model=call.spec.name, model_id=call.spec.id,
+            revision=call.spec.revision or call.engine.fingerprint,
             prompt=prompts, params=call.cache_params, key_id=key.id)
 
     async def _cached_or_generated(self, call: Call, cache_key) -> tuple[dict, str]:
@@ -216,11 +233,14 @@ class Gateway:
     def _charge(self, call: Call, outcome: Outcome) -> int:
         if outcome.cache_status == "hit" and not self.settings.cache_hits_charge_quota:
             return 0
-        return sum(self.usage(call, outcome))
+        return capped(call, outcome.choices).total
 
     def _finish(self, record: RequestRecord | None, call: Call, outcome: Outcome,
                 charged: int) -> None:
-        prompt_tokens, completion_tokens = self.usage(call, outcome)
+        usage = capped(call, outcome.choices)
+        prompt_tokens, completion_tokens = usage.prompt_tokens, usage.completion_tokens
+        if usage.overreported and outcome.cache_status != "hit":
+            self._overreported(record, call, usage.overreported)
         if record is not None:
             record.prompt_tokens = prompt_tokens
             record.completion_tokens = completion_tokens
@@ -233,8 +253,18 @@ class Gateway:
             metrics.PROMPT_TOKENS.labels(call.spec.name).inc(prompt_tokens)
             metrics.GENERATION_TOKENS.labels(call.spec.name).inc(completion_tokens)
 
+    @staticmethod
+    def _overreported(record: RequestRecord | None, call: Call, tokens: int) -> None:
+        metrics.USAGE_OVERREPORTED.labels(call.spec.name).inc(tokens)
+        message = (f"model {call.spec.name!r} reported {tokens} tokens more than the "
+                   "request's bound; they were not charged")
+        log.warning("%s (request %s)", message, call.id)
+        if record is not None and record.error_type is None:
+            record.error_type, record.error_message = "usage_overreported", message
+
     async def _generate_all(self, call: Call) -> dict:
-        choices = await asyncio.gather(*(call.engine.generate(r) for r in call.requests))
+        # Admitted as a whole by the engine, and cancelled as a whole when one fails.
+        choices = await call.engine.generate_all(call.requests)
         return Outcome(call.id, call.created, list(choices), "miss", {}).cache_value()
 
     async def _cached(self, call: Call, cache_key) -> dict | None:
@@ -309,8 +339,7 @@ class Gateway:
                 status = "miss"
             elif self.cache is not None:
                 self.cache.record_bypass()
-            streams = [call.engine.stream(r) for r in call.requests]
-            merged = _merge(streams)
+            merged = _merge(await call.engine.stream_all(call.requests))
             first = await anext(merged)  # surfaces Overloaded etc. before the response
         except BaseException as exc:
             if flight is not None:
@@ -373,8 +402,9 @@ class Gateway:
             if flight is not None:
                 await flight.release(exc)  # a waiting identical request takes over
             # The client went away: generation stops (engine streams are closed below)
-            # and what was produced is still charged and logged.
-            charged = call.prompt_tokens + produced
+            # and what was produced is still charged (never past the reservation) and
+            # logged.
+            charged = min(call.prompt_tokens + produced, call.reserve_tokens)
             if record is not None:
                 record.stream = True
                 record.prompt_tokens, record.completion_tokens = call.prompt_tokens, produced
@@ -394,12 +424,20 @@ class Gateway:
                 await admission.settle(charged)
 
 
+def capped(call: Call, choices: list[Completion]) -> Usage:
+    """Usage of choices in index order, capped to the request's bounds (bounds.py)."""
+    return capped_usage(
+        choices, counted_prompt=call.prompt_tokens, prompt_bounds=call.prompt_bounds,
+        per_prompt=max(1, len(call.requests) // max(1, len(call.prompt_texts))),
+        max_new_tokens=call.requests[0].params.max_new_tokens if call.requests else 0)
+
+
 def count_usage(call: Call, choices: list[Completion]) -> tuple[int, int]:
     """(prompt, completion) tokens of choices in index order: each prompt once however
-    many choices it has (OpenAI's convention); remote models report their own counts."""
-    n = max(1, len(call.requests) // max(1, len(call.prompt_texts)))
-    prompt = call.prompt_tokens or sum(c.prompt_tokens for c in choices[::n])
-    return prompt, sum(c.completion_tokens for c in choices)
+    many choices it has (OpenAI's convention); remote models report their own counts,
+    capped to what the request could cost."""
+    usage = capped(call, choices)
+    return usage.prompt_tokens, usage.completion_tokens
 
 
 async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:

@@ -199,6 +199,25 @@ class EvalRun(Base):
     metrics: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    # The suite run this run belongs to (`llmctl eval suite`), if any.
+    suite_run_id: Mapped[str | None] = mapped_column(
+        ForeignKey("eval_suite_runs.id", ondelete="SET NULL"), nullable=True, index=True)
+
+
+class EvalSuiteRun(Base):
+    """One `llmctl eval suite FILE.yaml` run: its task runs point at it."""
+
+    __tablename__ = "eval_suite_runs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), index=True)
+    # The suite file's content and models: what `--resume` and `--baseline last` match on.
+    fingerprint: Mapped[str] = mapped_column(String(64), index=True)
+    config: Mapped[dict] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), default="running")
+    results: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # gates and summary
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 class EvalSample(Base):

@@ -4,13 +4,16 @@ Speaks the OpenAI API (vLLM, TGI, Ollama, `transformers serve`, another llmctl) 
 with `api: llmctl`, llmctl's own /v1/generate for plain text prompts. Connection
 errors are retried (httpx transport retries cover connect failures only, never a
 request the remote may have started); timeouts come from the model's entry.
-Token counts are the ones the remote reports.
+Token counts are the ones the remote reports (the gateway caps them to each request's
+bound, server/api/bounds.py); with `tokenizer:` in the model's entry the gateway counts
+prompts itself with that tokenizer. Usage that is not a non-negative integer is a
+malformed response (502), never a number to charge.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import os
 import time
 from collections.abc import AsyncIterator
 
@@ -24,6 +27,7 @@ from server.engines.base import (
     StreamDelta,
     TokenLogprob,
 )
+from server.engines.tokenizer import Counter
 from server.errors import (
     InvalidRequest,
     LlmctlError,
@@ -50,13 +54,30 @@ def _logprobs(lp: dict | None, start: int = 0, stop: int | None = None) -> list[
             for t, v, top, o in list(zip(tokens, values, tops, offsets, strict=False))[start:stop]]
 
 
+def _usage(usage, default_completion: int = 0) -> tuple[int, int]:
+    """(prompt, completion) tokens the remote reported; ValueError unless each is a
+    non-negative integer (a bool is not one)."""
+    counts = []
+    for name, default in (("prompt_tokens", 0), ("completion_tokens", default_completion)):
+        value = usage.get(name, default) if isinstance(usage, dict) else default
+        if type(value) is not int or value < 0:
+            raise ValueError(f"usage.{name} is {value!r}")
+        counts.append(value)
+    return counts[0], counts[1]
+
+
+def _reason(exc: Exception) -> str:
+    """What was wrong, in a few words: our own usage message, else the error's kind."""
+    return str(exc) if str(exc).startswith("usage.") else exc.__class__.__name__
+
+
 class HttpLLMClient(ModelEngine):
     def __init__(self, spec: ModelSpec, transport: httpx.AsyncBaseTransport | None = None):
         self.spec = spec
         self.model_id = spec.id
         self.base_url = _base(spec.base_url or "")
         headers = {}
-        secret = os.environ.get(spec.api_key_env) if spec.api_key_env else None
+        secret = spec.api_key
         if secret:
             headers["Authorization"] = f"Bearer {secret}"
         self._client = httpx.AsyncClient(
@@ -66,13 +87,27 @@ class HttpLLMClient(ModelEngine):
             transport=transport or httpx.AsyncHTTPTransport(retries=2),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
         )
+        self._tokenizer = Counter(spec.tokenizer, spec.name) if spec.tokenizer else None
 
     async def start(self) -> None:
-        return None
+        if self._tokenizer is not None:
+            await asyncio.to_thread(self._tokenizer.load)
 
     @property
     def max_context(self) -> int | None:
         return self.spec.max_context
+
+    @property
+    def longest_token(self) -> int | None:
+        return self._tokenizer.longest if self._tokenizer is not None else None
+
+    def count_tokens(self, text: str, *, add_special_tokens: bool = True) -> int | None:
+        if self._tokenizer is None:
+            return None
+        return self._tokenizer.count(text, add_special_tokens=add_special_tokens)
+
+    def render_chat(self, messages: list[dict]) -> str | None:
+        return self._tokenizer.render_chat(messages) if self._tokenizer is not None else None
 
     # --- request building
 
@@ -137,9 +172,7 @@ class HttpLLMClient(ModelEngine):
 
     def _completion(self, route: str, data: dict, request: EngineRequest,
                     elapsed: float) -> Completion:
-        usage = data.get("usage") or {}
-        prompt_tokens = usage.get("prompt_tokens", 0)
-        completion_tokens = usage.get("completion_tokens", 0)
+        prompt_tokens, completion_tokens = _usage(data.get("usage") or {})
         if route == "/v1/generate":
             return Completion(text=data["text"], finish_reason=data.get("finish_reason", "stop"),
                               prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
@@ -180,9 +213,9 @@ class HttpLLMClient(ModelEngine):
         try:
             return self._completion(route, response.json(), request,
                                     time.perf_counter() - start)
-        except (ValueError, KeyError, IndexError, TypeError):
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise UpstreamError(f"remote model {self.spec.name!r} sent a malformed "
-                                "response") from None
+                                f"response ({_reason(exc)})") from None
 
     async def stream(self, request: EngineRequest) -> AsyncIterator[StreamDelta | Completion]:
         route, body = self._route_and_body(request, stream=True)
@@ -213,12 +246,16 @@ class HttpLLMClient(ModelEngine):
                         yield StreamDelta(text=piece)
         except httpx.HTTPError as exc:
             raise self._error(exc) from None
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError) as exc:
             raise UpstreamError(f"remote model {self.spec.name!r} sent a malformed "
-                                "stream") from None
-        yield Completion(text="".join(text), finish_reason=finish,
-                         prompt_tokens=usage.get("prompt_tokens", 0),
-                         completion_tokens=usage.get("completion_tokens", len(text)), ttft_s=ttft)
+                                f"stream ({_reason(exc)})") from None
+        try:
+            prompt_tokens, completion_tokens = _usage(usage, len(text))
+        except ValueError as exc:
+            raise UpstreamError(f"remote model {self.spec.name!r} sent a malformed "
+                                f"stream ({_reason(exc)})") from None
+        yield Completion(text="".join(text), finish_reason=finish, prompt_tokens=prompt_tokens,
+                         completion_tokens=completion_tokens, ttft_s=ttft)
 
     @staticmethod
     def _piece(route: str, event: dict) -> tuple[str, str | None]:
