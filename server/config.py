@@ -55,6 +55,12 @@ class Settings(BaseSettings):
     log_prompts: bool = False
     log_flush_interval: float = 0.25
     log_batch_size: int = 500
+    # Request-log rows held in memory while the database is down; past this they wait
+    # in the journal (LLMCTL_HOME/journal) and are replayed when it is back.
+    log_backlog_max: int = Field(default=20_000, gt=0)
+    # How long a request's quota reservation lives unless its gateway renews it: what a
+    # killed gateway's requests hold until any replica reclaims it.
+    quota_lease_seconds: float = Field(default=60.0, gt=0)
     # Largest request body accepted, in bytes; larger ones get 413 before they are read.
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     # --- redis

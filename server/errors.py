@@ -118,7 +118,13 @@ class ShuttingDown(Unavailable):
 
 
 class DatabaseError(Unavailable):
+    """The database cannot be reached (down, restarting): worth retrying shortly."""
+
     code = "database_unavailable"
+
+    def __init__(self, message: str, **kw):
+        kw.setdefault("headers", {"Retry-After": "2"})
+        super().__init__(message, **kw)
 
 
 class SchemaOutOfDate(LlmctlError):

@@ -56,9 +56,12 @@ def create_app(settings: Settings | None = None, models: ModelsConfig | None = N
         manager = MultiModelManager(models, settings, engine_factory,
                                     on_engine=metrics.observe_engine)
         logstore = LogStore(db, interval=settings.log_flush_interval,
-                            batch_size=settings.log_batch_size, keep_text=settings.log_prompts)
+                            batch_size=settings.log_batch_size, keep_text=settings.log_prompts,
+                            journal_dir=settings.home / "journal",
+                            max_backlog=settings.log_backlog_max)
         logstore.start()
         limiter = Limiter(settings, db, redis)
+        limiter.start()
         cache = CompletionCache(settings, db, redis)
         await cache.start()
         key_lookup = KeyLookup(SqliteReader(db)) if sqlitereader.usable(db) else None

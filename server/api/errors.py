@@ -8,9 +8,11 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.errors import InvalidRequest, LlmctlError
+from server.db.engine import unreachable
+from server.errors import DatabaseError, InvalidRequest, LlmctlError
 
 log = logging.getLogger("llmctl.api")
 
@@ -60,6 +62,14 @@ def install(app: FastAPI) -> None:
         err.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
         err.code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return error_response(err, request)
+
+    @app.exception_handler(DBAPIError)
+    async def _database(request: Request, exc: DBAPIError):
+        # Database.session maps these; this catches a driver error raised elsewhere.
+        if unreachable(exc):
+            return error_response(DatabaseError("the database is unavailable"), request)
+        log.exception("database error on %s", request.url.path)
+        return error_response(LlmctlError("internal server error"), request)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

@@ -31,6 +31,14 @@ USAGE_OVERREPORTED = Counter("llmctl_usage_overreported_tokens_total", "Tokens a
                              "tokens); capped, never charged.", ["model_name"])
 LOG_WRITE_ERRORS = Counter("llmctl_request_log_write_errors_total", "Failed request-log "
                            "flushes (retried).")
+LOG_BACKLOG = Gauge("llmctl_request_log_backlog", "Request-log rows waiting in memory to be "
+                    "written.")
+LOG_ROWS_WRITTEN = Counter("llmctl_request_log_rows_written_total", "Request-log rows "
+                           "written to the database (each request once).")
+LOG_SPILLED = Counter("llmctl_request_log_spilled_rows_total", "Request-log rows kept only "
+                      "in the journal because the in-memory backlog was full.")
+LOG_SPILL_PENDING = Gauge("llmctl_request_log_spill_pending_rows", "Spilled request-log rows "
+                          "not yet replayed from the journal.")
 
 # Per backend of a model with replicas (server/engines/router.py). An attempt that is
 # retried elsewhere counts here once per backend it reached.

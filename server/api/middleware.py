@@ -1,8 +1,10 @@
 """Request context: a request id, timing, metrics and the request-log row.
 
 Pure ASGI (no BaseHTTPMiddleware) so streaming responses pass straight through
-and the cache-hit path pays as little as possible. The log row is submitted when
-the response is finished, streamed or not, successful or not.
+and the cache-hit path pays as little as possible. The log record is committed
+(journaled, and written at once when it settles a quota) just before the
+response's last byte is sent, so a response a client received in full is never
+lost; a response that never completes (an error, a client gone) submits it at the end.
 """
 
 from __future__ import annotations
@@ -65,6 +67,17 @@ class RequestContextMiddleware:
         scope.setdefault("state", {}).update(record=record, request_id=request_id)
         started = time.perf_counter()
         status = 500
+        logstore = None
+
+        def finish_record():
+            nonlocal logstore
+            record.route = _route(scope)
+            record.status = record.status or status
+            record.latency_ms = (time.perf_counter() - started) * 1000
+            state = scope.get("app").state if scope.get("app") else None
+            llmctl = getattr(state, "llmctl", None)
+            logstore = llmctl.logstore if llmctl is not None else None
+            return logstore
 
         async def send_with_id(message):
             nonlocal status
@@ -73,6 +86,9 @@ class RequestContextMiddleware:
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"],
                                       (b"x-request-id", request_id.encode())]
+            elif (record is not None and logstore is None and not message.get("more_body")
+                  and finish_record() is not None):
+                await logstore.commit(record)
             await send(message)
 
         try:
@@ -82,11 +98,10 @@ class RequestContextMiddleware:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             model = (record.model if record else None) or ""
             metrics.observe_request(route, model, status, elapsed)
-            if record is not None:
-                record.route = route if route != "unmatched" else scope["path"][:64]
-                record.status = record.status or status
-                record.latency_ms = elapsed * 1000
-                state = scope.get("app").state if scope.get("app") else None
-                llmctl = getattr(state, "llmctl", None)
-                if llmctl is not None:
-                    llmctl.logstore.submit(record)
+            if record is not None and logstore is None and finish_record() is not None:
+                logstore.submit(record)
+
+
+def _route(scope) -> str:
+    route = getattr(scope.get("route"), "path", None)
+    return route or scope["path"][:64]

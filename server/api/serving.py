@@ -252,10 +252,10 @@ class Gateway:
             await flight.fulfil(value)
             return value, "miss"
 
-    async def _admit(self, key: KeyInfo, call: Call):
+    async def _admit(self, key: KeyInfo, call: Call, record: RequestRecord | None):
         if self.limiter is None:
             return None
-        return await self.limiter.admit(key, reserve_tokens=call.reserve_tokens)
+        return await self.limiter.admit(key, reserve_tokens=call.reserve_tokens, record=record)
 
     @staticmethod
     def usage(call: Call, outcome: Outcome) -> tuple[int, int]:
@@ -307,14 +307,14 @@ class Gateway:
         value, _layer = await self.cache.lookup(cache_key)
         return value
 
-    async def _admit_hit(self, key: KeyInfo, call: Call):
+    async def _admit_hit(self, key: KeyInfo, call: Call, record: RequestRecord | None):
         """A hit counts as a request for rate limits; it reserves tokens and quota only
         when hits are charged (LLMCTL_CACHE_HITS_CHARGE_QUOTA)."""
         if self.limiter is None:
             return None
         charge = self.settings.cache_hits_charge_quota
         return await self.limiter.admit(key, reserve_tokens=call.reserve_tokens if charge else 0,
-                                        hold_quota=charge)
+                                        hold_quota=charge, record=record)
 
     async def run(self, key: KeyInfo, record: RequestRecord | None, call: Call,
                   guard=None) -> Outcome:
@@ -322,8 +322,8 @@ class Gateway:
         hit): the routes' stops it when the client disconnects (api/disconnect.py)."""
         cache_key = self._cache_key(key, call)
         hit = await self._cached(call, cache_key)
-        admission = await (self._admit_hit(key, call) if hit is not None
-                           else self._admit(key, call))
+        admission = await (self._admit_hit(key, call, record) if hit is not None
+                           else self._admit(key, call, record))
         charged = 0
         try:
             if hit is not None:
@@ -354,13 +354,13 @@ class Gateway:
         cache_key = self._cache_key(key, call)
         hit = await self._cached(call, cache_key)
         if hit is not None:
-            admission = await self._admit_hit(key, call)
+            admission = await self._admit_hit(key, call, record)
             headers = dict(admission.headers) if admission else {}
             outcome = Outcome(hit["id"], hit["created"],
                               [completion_from_dict(c) for c in hit["choices"]], "hit", headers)
             call.id, call.created = outcome.id, outcome.created
             return headers, "hit", self._replay(record, call, outcome, admission)
-        admission = await self._admit(key, call)
+        admission = await self._admit(key, call, record)
         headers = dict(admission.headers) if admission else {}
         flight = None
         try:

@@ -15,7 +15,13 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    InterfaceError,
+    OperationalError,
+    SQLAlchemyError,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.errors import ConfigError, DatabaseError, SchemaOutOfDate
@@ -65,6 +71,12 @@ def make_engine(url: str) -> Engine:
         raise ConfigError(f"database URL {redact(url)}: {exc}") from None
 
 
+def unreachable(exc: DBAPIError) -> bool:
+    """Whether a driver error means the database is down or restarting (a retry later
+    may succeed), rather than a bad statement."""
+    return isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated
+
+
 class Database:
     """One engine and session factory, built once and passed down."""
 
@@ -91,9 +103,11 @@ class Database:
             try:
                 yield session
                 session.commit()
-            except OperationalError as exc:
+            except DBAPIError as exc:
                 session.rollback()
-                raise DatabaseError(self._unreachable(exc)) from None
+                if unreachable(exc):
+                    raise DatabaseError(self._unreachable(exc)) from None
+                raise
             except BaseException:
                 session.rollback()
                 raise

@@ -85,6 +85,26 @@ class QuotaMonth(Base):
     reserved_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
+class QuotaReservation(Base):
+    """One admitted request's hold on its key's monthly quota, with a lease.
+
+    Named by the request's log record (`record_id`). The row exists from admission
+    until the request's log row is written (which
+    settles it in the same transaction) or its lease runs out (the owner crashed or
+    lost the database): then any replica deletes it and gives its tokens back to
+    `quota_months.reserved_tokens`. Deleting the row is what makes either happen once.
+    """
+
+    __tablename__ = "quota_reservations"
+    __table_args__ = (Index("ix_quota_reservations_expires_at", "expires_at"),)
+
+    record_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"))
+    month: Mapped[str] = mapped_column(String(7))
+    tokens: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
+
+
 class UsageMonthly(Base):
     """Aggregated usage per key, month and model."""
 
@@ -118,6 +138,9 @@ class RequestLog(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     # Not unique: a client's X-Request-ID is kept, and clients reuse theirs on retries.
     request_id: Mapped[str] = mapped_column(String(64), index=True)
+    # Made by the gateway for each record: a replayed or retried write of the same
+    # record inserts nothing (server/services/logstore.py). NULL on rows from before.
+    record_id: Mapped[str | None] = mapped_column(String(32), nullable=True, unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
     key_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     model: Mapped[str | None] = mapped_column(String(256), nullable=True)

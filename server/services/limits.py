@@ -14,8 +14,11 @@ Algorithms (the same in Redis and in memory):
   the excess, which may leave the bucket in debt);
 - in flight: a set of admission ids; in Redis each id is a lease that the owning
   process renews, so a crashed gateway cannot hold slots forever;
-- monthly quota: a conditional UPDATE on the key's `quota_months` row
-  (server/services/quotas.py), shared through the database.
+- monthly quota: a conditional UPDATE on the key's `quota_months` row and a leased
+  reservation row (server/services/quotas.py), shared through the database. A
+  request admitted with its log record is settled when that record is written
+  (server/services/logstore.py), in the same transaction; this process renews the
+  leases of its requests in flight and reclaims any replica's expired ones.
 
 With Redis configured the three rate limits run as one atomic Lua script, so any
 number of gateways sharing the Redis enforce one limit. While Redis is down each
@@ -273,7 +276,7 @@ class Admission:
 
     def __init__(self, limiter: Limiter, key: KeyInfo, *, backend: str | None, member: str,
                  reserve: int, tpm: int, month: str, quota_held: bool, headers: dict[str, str],
-                 leased: bool = False):
+                 leased: bool = False, record=None):
         self._limiter = limiter
         self.key = key
         self.backend = backend  # "redis", "local" or None (no rate limits)
@@ -283,6 +286,10 @@ class Admission:
         self.leased = leased  # holds an in-flight slot in Redis
         self.month = month
         self.quota_held = quota_held
+        # The request's log record (server/services/logstore.RequestRecord), if any: its
+        # record_id names the quota reservation, and writing it settles the quota.
+        self.record = record
+        self.reservation_id = record.record_id if record is not None else member
         self.headers = headers
         self.settled = False
         self.charged: int | None = None
@@ -294,6 +301,14 @@ class Admission:
             return
         self.settled = True
         self.charged = max(0, int(charged_tokens))
+        self._limiter._quota_leases.discard(self.reservation_id)
+        if self.quota_held and self.record is not None:
+            # The log writer charges this and releases the reservation in the
+            # transaction that inserts the record: exactly once, also when the record
+            # is replayed from the journal after a crash. The logged charge is the
+            # settled one, so the quota, usage and logs cannot disagree.
+            self.record.charged_tokens = self.charged
+            self.quota_held = False
         if not self.quota_held and not self.redis_work(self.charged, undo_request=False):
             # Nothing to wait for (in-memory limits, or nothing Redis must change, and
             # no quota): settle here; a shield would schedule a task and a loop turn
@@ -327,12 +342,20 @@ class Limiter:
             self._script_renew = redis.client.register_script(RENEW_LUA)
         self._leases: dict[str, str] = {}  # member -> in-flight zset, admitted in Redis
         self._renewer: asyncio.Task | None = None
+        self.quota_lease = settings.quota_lease_seconds
+        self._quota_leases: set[str] = set()  # reservation ids of requests in flight here
+        self._keeper: asyncio.Task | None = None
+
+    def start(self) -> None:
+        """Renew this process's quota leases and reclaim expired ones (any replica's)."""
+        self._keeper = asyncio.get_running_loop().create_task(self._keep_leases())
 
     # ----- admission
 
     async def admit(self, key: KeyInfo, reserve_tokens: int, *,
-                    hold_quota: bool = True) -> Admission:
-        """`hold_quota=False`: rate limits only (a cache hit that is not charged)."""
+                    hold_quota: bool = True, record=None) -> Admission:
+        """`hold_quota=False`: rate limits only (a cache hit that is not charged).
+        `record`: the request's log record, which then settles the quota when written."""
         limits = effective_limits(self.settings, key)
         rpm, tpm, conc = limits["rpm"], limits["tpm"], limits["max_concurrency"]
         quota = limits["monthly_token_quota"] if hold_quota else 0
@@ -347,11 +370,12 @@ class Limiter:
         headers = _headers(rpm, tpm, check)
         adm = Admission(self, key, backend=backend, member=member, reserve=reserve, tpm=tpm,
                         month=month, quota_held=False, headers=headers,
-                        leased=backend == "redis" and conc > 0)
+                        leased=backend == "redis" and conc > 0, record=record)
         if quota:
             try:
-                held = await asyncio.to_thread(quotas.reserve, self.db, key.id, month, reserve,
-                                               quota)
+                held = await asyncio.to_thread(
+                    quotas.reserve, self.db, key.id, month, reserve, quota,
+                    record_id=adm.reservation_id, lease=self.quota_lease)
             except BaseException:
                 await self._settle(adm, 0, undo_request=True)
                 raise
@@ -362,6 +386,9 @@ class Limiter:
                     check.tokens += reserve if tpm else 0
                 self._reject_quota(key, quota, reserve, month, _headers(rpm, tpm, check))
             adm.quota_held = True
+            self._quota_leases.add(adm.reservation_id)
+            if record is not None:
+                record.reserved_month = month
         if backend == "redis" and conc:
             self._leases[member] = _redis_keys(key.id)[2]
             self._start_renewer()
@@ -451,8 +478,8 @@ class Limiter:
                 await self.redis.run(shared, lambda: None)
             if adm.quota_held:
                 adm.quota_held = False
-                await asyncio.to_thread(quotas.settle, self.db, adm.key.id, adm.month,
-                                        adm.reserve, charged)
+                await asyncio.to_thread(quotas.settle, self.db, adm.reservation_id, adm.key.id,
+                                        adm.month, charged)
         except Exception:  # noqa: BLE001 - settling runs in finally blocks; never mask
             log.exception("settling request limits for key %s failed", adm.key.id)
 
@@ -476,6 +503,19 @@ class Limiter:
             except Exception:  # noqa: BLE001
                 log.exception("renewing in-flight leases failed")
 
+    async def _keep_leases(self) -> None:
+        while True:
+            await asyncio.sleep(self.quota_lease / 4)
+            try:
+                await asyncio.to_thread(quotas.renew, self.db, list(self._quota_leases),
+                                        self.quota_lease)
+                reclaimed = await asyncio.to_thread(quotas.reclaim_expired, self.db)
+                if reclaimed:
+                    log.warning("reclaimed %d quota reservations whose lease expired",
+                                reclaimed)
+            except Exception as exc:  # noqa: BLE001 - the database may be down; try again
+                log.warning("quota lease upkeep failed: %s", exc)
+
     # ----- state
 
     def status(self) -> dict:
@@ -490,12 +530,13 @@ class Limiter:
         return {"mode": mode, "shared": redis["available"], "redis": redis}
 
     async def close(self) -> None:
-        if self._renewer is not None and not self._renewer.done():
-            self._renewer.cancel()
-            try:
-                await self._renewer
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
+        for task in (self._renewer, self._keeper):
+            if task is not None and not task.done():
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                    pass
 
 
 def _retry_after(ms: float) -> dict[str, str]:

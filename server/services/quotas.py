@@ -9,8 +9,19 @@ Admission is a single conditional UPDATE
 
 so any number of concurrent requests, in any number of replicas sharing the
 database, can never hold or spend more than the quota together (Postgres re-checks
-the WHERE on the locked row; SQLite serializes writers). Settling moves the
-reservation to the real count; releasing (an error) is settling to 0.
+the WHERE on the locked row; SQLite serializes writers). The first request of a
+month creates the row with one INSERT ... ON CONFLICT DO UPDATE that carries the
+same check, so concurrent first requests neither race nor refuse each other.
+
+Each reservation is also a `quota_reservations` row, named by the request's log
+record (its `record_id`), with a
+lease (`LLMCTL_QUOTA_LEASE_SECONDS`) that its gateway renews while the request runs.
+Settling deletes that row and moves its tokens from reserved to used, in the same
+transaction as the request's log row (server/services/logstore.py), so a request is
+charged exactly once and usage always equals the sum of the logs. A reservation whose
+lease ran out (its gateway was killed, or lost the database) is reclaimed by any
+replica (`reclaim_expired`); a log row replayed after that still charges what was
+served, and finds nothing left to release.
 
 Keys without a quota skip the ledger (no writes on their hot path); their "used"
 figure comes from the usage aggregates. When a month's row is first created, or a
@@ -19,13 +30,14 @@ quota is set on a key that had none, `used_tokens` starts from those aggregates.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, delete, func, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from server.db.tables import ApiKey, QuotaMonth, UsageMonthly, utcnow
+from server.db.tables import ApiKey, QuotaMonth, QuotaReservation, UsageMonthly, utcnow
 from server.services import keys as keysvc
 from server.services.keys import KeyInfo
 
@@ -59,47 +71,109 @@ def _usage_charged(s, key_id: int, month: str) -> int:
         UsageMonthly.key_id == key_id, UsageMonthly.month == month)) or 0)
 
 
-def _insert_ignore(db):
+def _insert(db):
     return (sqlite.insert if db.is_sqlite else postgresql.insert)(QuotaMonth)
 
 
 def _ensure_row(db, s, key_id: int, month: str) -> None:
-    stmt = _insert_ignore(db).values(key_id=key_id, month=month,
-                                     used_tokens=_usage_charged(s, key_id, month),
-                                     reserved_tokens=0)
+    stmt = _insert(db).values(key_id=key_id, month=month,
+                              used_tokens=_usage_charged(s, key_id, month), reserved_tokens=0)
     s.execute(stmt.on_conflict_do_nothing(index_elements=["key_id", "month"]))
 
 
-def reserve(db, key_id: int, month: str, tokens: int, quota: int) -> bool:
-    """Hold `tokens` of the month's `quota`; False (nothing held) if they do not fit."""
+def _first_reserve(db, key_id: int, month: str, tokens: int, quota: int):
+    """Create the month's row holding `tokens`, or add them to a row a concurrent
+    request just created: one statement, checked against the quota either way
+    (https://www.postgresql.org/docs/15/sql-insert.html#SQL-ON-CONFLICT)."""
+    used = select(func.coalesce(func.sum(UsageMonthly.charged_tokens), 0)).where(
+        UsageMonthly.key_id == key_id, UsageMonthly.month == month).scalar_subquery()
+    fresh = select(literal(key_id), literal(month), used, literal(tokens)).where(
+        used + tokens <= quota)
+    stmt = _insert(db).from_select(["key_id", "month", "used_tokens", "reserved_tokens"], fresh)
+    return stmt.on_conflict_do_update(
+        index_elements=["key_id", "month"],
+        set_={"reserved_tokens": QuotaMonth.reserved_tokens + stmt.excluded.reserved_tokens},
+        where=QuotaMonth.used_tokens + QuotaMonth.reserved_tokens
+        + stmt.excluded.reserved_tokens <= quota,
+    ).returning(QuotaMonth.key_id)
+
+
+def reserve(db, key_id: int, month: str, tokens: int, quota: int, *, record_id: str,
+            lease: float) -> bool:
+    """Hold `tokens` of the month's `quota` for the request logged as `record_id`, leased
+    for `lease` seconds; False (nothing held) if they do not fit."""
     cond = update(QuotaMonth).where(
         QuotaMonth.key_id == key_id, QuotaMonth.month == month,
         QuotaMonth.used_tokens + QuotaMonth.reserved_tokens + tokens <= quota,
     ).values(reserved_tokens=QuotaMonth.reserved_tokens + tokens).execution_options(
         synchronize_session=False)
     with db.session() as s:
-        if s.execute(cond).rowcount == 1:
-            return True
-        exists = s.scalar(select(QuotaMonth.key_id).where(
-            QuotaMonth.key_id == key_id, QuotaMonth.month == month))
-        if exists is not None:
-            return False
-    # First request of the month: create the row in its own transaction (a
-    # concurrent creator is ignored), then admit conditionally as usual.
-    with db.session() as s:
-        _ensure_row(db, s, key_id, month)
-    with db.session() as s:
-        return s.execute(cond).rowcount == 1
+        held = (s.execute(cond).rowcount == 1
+                or s.execute(_first_reserve(db, key_id, month, tokens, quota)).first()
+                is not None)
+        if held:
+            s.add(QuotaReservation(record_id=record_id, key_id=key_id, month=month,
+                                   tokens=tokens, expires_at=utcnow() + timedelta(seconds=lease)))
+        return held
 
 
-def settle(db, key_id: int, month: str, reserved: int, charged: int) -> None:
-    """Turn a reservation into `charged` used tokens (0 releases it)."""
+_SETTLE = (update(QuotaMonth).where(QuotaMonth.key_id == bindparam("k"),
+                                    QuotaMonth.month == bindparam("m"))
+           .values(used_tokens=QuotaMonth.used_tokens + bindparam("used"),
+                   reserved_tokens=QuotaMonth.reserved_tokens - bindparam("released")))
+
+
+def settle_in(conn, charges: Iterable[tuple[str, int, str, int]]) -> None:
+    """In the caller's transaction: for each (record id, key id, month, charged),
+    release the request's reservation if it is still there and add `charged` to used.
+    Rows are updated in key order, so concurrent settlers cannot deadlock."""
+    charges = list(charges)
+    if not charges:
+        return
+    held = dict(conn.execute(delete(QuotaReservation).where(
+        QuotaReservation.record_id.in_([c[0] for c in charges]))
+        .returning(QuotaReservation.record_id, QuotaReservation.tokens)).all())
+    _apply(conn, ((k, m, charged, held.get(rid, 0)) for rid, k, m, charged in charges))
+
+
+def _apply(conn, deltas: Iterable[tuple[int, str, int, int]]) -> None:
+    """(key, month, used +, reserved -) summed per row, applied in key order."""
+    rows: dict[tuple[int, str], list[int]] = {}
+    for k, m, used, released in deltas:
+        row = rows.setdefault((k, m), [0, 0])
+        row[0] += used
+        row[1] += released
+    if rows:
+        conn.execute(_SETTLE, [{"k": k, "m": m, "used": u, "released": r}
+                               for (k, m), (u, r) in sorted(rows.items())])
+
+
+def settle(db, record_id: str, key_id: int, month: str, charged: int) -> None:
+    """Turn reservation `record_id` into `charged` used tokens (0 releases it) on its
+    own, for a caller that writes no log row."""
     with db.session() as s:
-        s.execute(update(QuotaMonth).where(
-            QuotaMonth.key_id == key_id, QuotaMonth.month == month,
-        ).values(used_tokens=QuotaMonth.used_tokens + charged,
-                 reserved_tokens=QuotaMonth.reserved_tokens - reserved,
-                 ).execution_options(synchronize_session=False))
+        settle_in(s.connection(), [(record_id, key_id, month, charged)])
+
+
+def renew(db, record_ids: Iterable[str], lease: float) -> None:
+    """Extend the leases of requests still running here."""
+    ids = sorted(record_ids)
+    if ids:
+        with db.session() as s:
+            s.execute(update(QuotaReservation).where(QuotaReservation.record_id.in_(ids))
+                      .values(expires_at=utcnow() + timedelta(seconds=lease))
+                      .execution_options(synchronize_session=False))
+
+
+def reclaim_expired(db) -> int:
+    """Give back the tokens of reservations whose lease ran out; the number reclaimed."""
+    with db.session() as s:
+        conn = s.connection()
+        gone = conn.execute(delete(QuotaReservation).where(
+            QuotaReservation.expires_at < utcnow()).returning(
+            QuotaReservation.key_id, QuotaReservation.month, QuotaReservation.tokens)).all()
+        _apply(conn, ((k, m, 0, tokens) for k, m, tokens in gone))
+        return len(gone)
 
 
 def ledger(db, key_id: int, month: str) -> tuple[int, int] | None:

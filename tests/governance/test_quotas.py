@@ -46,12 +46,18 @@ def test_reserve_is_conditional(database):
 
     key = keys.create_key(database, name="q").key
     month = "2031-01"
-    assert quotas.reserve(database, key.id, month, 60, 100)
-    assert not quotas.reserve(database, key.id, month, 41, 100)
-    assert quotas.reserve(database, key.id, month, 40, 100)
-    quotas.settle(database, key.id, month, 60, 10)
+
+    def reserve(rid, n):
+        return quotas.reserve(database, key.id, month, n, 100, record_id=rid, lease=60)
+
+    assert reserve("a", 60)
+    assert not reserve("b", 41)
+    assert reserve("c", 40)
+    quotas.settle(database, "a", key.id, month, 10)
     assert quotas.ledger(database, key.id, month) == (10, 40)
-    assert quotas.reserve(database, key.id, month, 50, 100)
+    quotas.settle(database, "a", key.id, month, 0)  # settled already: nothing to release
+    assert quotas.ledger(database, key.id, month) == (10, 40)
+    assert reserve("d", 50)
     assert quotas.ledger(database, key.id, month) == (10, 90)
 
 
