@@ -29,7 +29,7 @@ from server.db.engine import Database
 from server.engines.manager import EngineFactory, MultiModelManager, default_engine_factory
 from server.services import evalscores, sqlitereader
 from server.services.cache import CompletionCache
-from server.services.keys import KeyLookup
+from server.services.keys import KeyLookup, RecentKeys
 from server.services.limits import Limiter
 from server.services.logstore import LogStore
 from server.services.redisconn import RedisHandle
@@ -64,7 +64,7 @@ def create_app(settings: Settings | None = None, models: ModelsConfig | None = N
         limiter.start()
         cache = CompletionCache(settings, db, redis)
         await cache.start()
-        key_lookup = KeyLookup(SqliteReader(db)) if sqlitereader.usable(db) else None
+        key_lookup = KeyLookup(SqliteReader(db)) if sqlitereader.usable(db) else RecentKeys(db)
         state = AppState(settings=settings, models=models, db=db, manager=manager,
                          logstore=logstore, redis=redis, limiter=limiter, cache=cache,
                          started_at=int(time.time()),

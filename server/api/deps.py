@@ -51,7 +51,7 @@ async def authenticate_request(request: Request, state: AppState) -> KeyInfo:
         key = verify_key(state.db, secret, lookup=state.key_lookup)
     else:
         # A server database is a network round trip: never on the event loop.
-        key = await asyncio.to_thread(verify_key, state.db, secret)
+        key = await asyncio.to_thread(verify_key, state.db, secret, lookup=state.key_lookup)
     record = getattr(request.state, "record", None)
     if record is not None:
         record.key_id = key.id

@@ -16,10 +16,11 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 
 from sqlalchemy import bindparam, or_, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from server.db.engine import unreachable
 from server.db.tables import ApiKey, utcnow
-from server.errors import AuthenticationError, Conflict, InvalidRequest, NotFound
+from server.errors import AuthenticationError, Conflict, DatabaseError, InvalidRequest, NotFound
 from server.services.memo import MISSING
 from server.services.sqlitereader import SqliteReader
 from server.validation import check_int, is_int, parse_duration
@@ -279,13 +280,52 @@ class KeyLookup:
         self.reader.close()
 
 
+class RecentKeys:
+    """`_find` for the request path on a server database (Postgres), answering from the
+    row last read for a key only while the database cannot be reached.
 
-def verify_key(db, secret: str | None, *, lookup: KeyLookup | None = None) -> KeyInfo:
+    Without it a database outage locks out every client, although a key's row cannot
+    change while no write reaches the database (LiteLLM's proxy has the same switch,
+    `allow_requests_on_db_unavailable`). Keys without a monthly quota are then served,
+    and their request logs wait in the writer's backlog and journal until the database
+    returns; keys with a quota are still refused (503), because a reservation needs the
+    database. Every successful read replaces the row, so a revoke applies on the key's
+    next request once the database answers. A key never read by this process is refused
+    (503) during an outage."""
+
+    def __init__(self, db, *, max_entries: int = 10_000):
+        self.db = db
+        self.max_entries = max_entries
+        self._rows: dict[str, tuple[str, KeyInfo]] = {}
+
+    def find(self, digest: str) -> tuple[str, KeyInfo] | None:
+        try:
+            found = _find(self.db, digest)
+        except (DBAPIError, DatabaseError) as exc:
+            if isinstance(exc, DBAPIError) and not unreachable(exc):
+                raise
+            if digest not in self._rows:
+                raise DatabaseError("the database is unavailable") from None
+            return self._rows[digest]
+        self._rows.pop(digest, None)
+        if found is not None:
+            if len(self._rows) >= self.max_entries:  # forget the least recently read
+                del self._rows[next(iter(self._rows))]
+            self._rows[digest] = found
+        return found
+
+    def close(self) -> None:
+        pass
+
+
+def verify_key(db, secret: str | None, *,
+               lookup: KeyLookup | RecentKeys | None = None) -> KeyInfo:
     """The active key for a presented secret, or AuthenticationError.
 
-    `lookup` (embedded SQLite only) reads through a plain sqlite3 connection and
-    remembers rows until the database changes: the request path runs this on every
-    request."""
+    `lookup` is the request path's reader: on embedded SQLite it reads through a plain
+    sqlite3 connection and remembers rows until the database changes (KeyLookup); on a
+    server database it reads every time and falls back on the last row read only
+    while the database is unreachable (RecentKeys)."""
     if not secret:
         raise AuthenticationError(
             "no API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")

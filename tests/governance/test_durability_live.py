@@ -143,6 +143,7 @@ async def test_postgres_outage_with_a_small_backlog(live_server_factory, tiny_mo
                                  env={"LLMCTL_DATABASE_URL": url, "LLMCTL_LOG_BACKLOG_MAX": "5",
                                       "LLMCTL_QUOTA_LEASE_SECONDS": str(LEASE)})
     secrets = [server.create_key(f"k{i}", "--monthly-tokens", "10000000") for i in range(3)]
+    secrets.append(server.create_key("free"))  # no quota: served from its last-read row
     load = Load(server.url, secrets, clients=8)
     load.start()
     try:
@@ -151,6 +152,7 @@ async def test_postgres_outage_with_a_small_backlog(live_server_factory, tiny_mo
         answered_before = len(load.received)
         await asyncio.sleep(3)
         answered_during = len(load.received) - answered_before
+        during = {status for _, status in load.received[answered_before:]}
         spilled = metric(server, "llmctl_request_log_spilled_rows_total")
         pending = metric(server, "llmctl_request_log_spill_pending_rows")
     finally:
@@ -160,6 +162,7 @@ async def test_postgres_outage_with_a_small_backlog(live_server_factory, tiny_mo
     await drained(server, secrets[0])
 
     assert answered_during > 20, answered_during  # it kept answering
+    assert 200 in during and 503 in during, during  # the key without a quota was served
     assert spilled > 0 and pending > 0
     assert metric(server, "llmctl_request_log_spill_pending_rows") == 0
     assert {s for _, s in load.received} >= {200, 400, 503}
