@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     log_prompts: bool = False
     log_flush_interval: float = 0.25
     log_batch_size: int = 500
+    # Per-key token counters in /metrics (labelled by key id): off by default, since
+    # their series grow with the number of keys.
+    metrics_per_key: bool = False
     # --- redis
     # Unset: Redis is on exactly when a URL is given. REDIS_ENABLED/REDIS_URL are the
     # original design's names.

@@ -13,7 +13,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from server.api import bodies, errors, metrics
+from server import metrics
+from server.api import bodies, errors
 from server.api.direct import DirectRoutes, direct_routes
 from server.api.middleware import RequestContextMiddleware
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
@@ -63,7 +64,7 @@ def create_app(settings: Settings | None = None, models: ModelsConfig | None = N
                          key_lookup=key_lookup)
         state.gateway = Gateway(settings, manager, limiter=limiter, cache=state.cache)
         app.state.llmctl = state
-        metrics.watch_engines(manager)
+        metrics.watch(manager, logstore)
         if settings.preload:
             await manager.preload()
         try:

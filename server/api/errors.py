@@ -9,12 +9,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server import metrics
 from server.errors import InvalidRequest, LlmctlError
 
 log = logging.getLogger("llmctl.api")
 
 
 def error_response(exc: LlmctlError, request: Request | None = None) -> JSONResponse:
+    metrics.observe_error(exc)
     if request is not None:
         record = getattr(request.state, "record", None)
         if record is not None:

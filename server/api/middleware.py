@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 import time
 
-from server.api import metrics
+from server import metrics
 from server.services.logstore import RequestRecord
 
 _JSON = (b"content-type", b"application/json")
+# Probes and scrapes are not client traffic: no request id, no metrics, no log row.
+_PROBES = frozenset(("/metrics", "/healthz", "/readyz"))
 
 
 def _as_json(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -39,7 +41,7 @@ class RequestContextMiddleware:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] in _PROBES:
             return await self.app(scope, receive, send)
         request_id = new_request_id()
         logged = scope["path"].startswith("/v1/")
@@ -65,7 +67,8 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             model = (record.model if record else None) or ""
-            metrics.observe_request(route, model, status, elapsed)
+            cache = (record.cache_status if record else None) or "none"
+            metrics.observe_request(route, model, status, cache, elapsed)
             if record is not None:
                 record.route = route if route != "unmatched" else scope["path"][:64]
                 record.status = record.status or status

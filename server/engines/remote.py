@@ -4,7 +4,8 @@ Speaks the OpenAI API (vLLM, TGI, Ollama, `transformers serve`, another llmctl) 
 with `api: llmctl`, llmctl's own /v1/generate for plain text prompts. Connection
 errors are retried (httpx transport retries cover connect failures only, never a
 request the remote may have started); timeouts come from the model's entry.
-Token counts are the ones the remote reports.
+Token counts are the ones the remote reports. Every request is counted in the
+llmctl_backend_* metrics (requests, errors by reason, duration).
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 
 import httpx
 
+from server import metrics
 from server.config import ModelSpec
 from server.engines.base import (
     Completion,
@@ -50,6 +53,25 @@ def _logprobs(lp: dict | None, start: int = 0, stop: int | None = None) -> list[
             for t, v, top, o in list(zip(tokens, values, tops, offsets, strict=False))[start:stop]]
 
 
+def _malformed(what: str) -> UpstreamError:
+    err = UpstreamError(what)
+    err.backend_reason = "malformed"
+    return err
+
+
+def backend_reason(exc: LlmctlError) -> str:
+    """The llmctl_backend_errors_total reason for an error this client raised."""
+    if isinstance(exc, RateLimited):
+        return "rate_limited"
+    if exc.code == "upstream_unreachable":
+        return "unreachable"
+    if exc.code == "upstream_timeout":
+        return "timeout"
+    if exc.status_code < 500:
+        return "client_error"
+    return getattr(exc, "backend_reason", "server_error")
+
+
 class HttpLLMClient(ModelEngine):
     def __init__(self, spec: ModelSpec, transport: httpx.AsyncBaseTransport | None = None):
         self.spec = spec
@@ -66,6 +88,25 @@ class HttpLLMClient(ModelEngine):
             transport=transport or httpx.AsyncHTTPTransport(retries=2),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
         )
+        # The configured URL (bounded), without any credentials in it.
+        url = httpx.URL(self.base_url)
+        self.backend = str(url.copy_with(userinfo=b"")) if url.userinfo else self.base_url
+        self._requests = metrics.BACKEND_REQUESTS.labels(spec.name, self.backend)
+        self._duration = metrics.BACKEND_LATENCY.labels(spec.name, self.backend)
+
+    @contextmanager
+    def _observed(self) -> Iterator[None]:
+        """Count one request to the backend, its duration and its error, if any."""
+        self._requests.inc()
+        start = time.perf_counter()
+        try:
+            yield
+        except LlmctlError as exc:
+            metrics.BACKEND_ERRORS.labels(self.spec.name, self.backend,
+                                          backend_reason(exc)).inc()
+            raise
+        finally:
+            self._duration.observe(time.perf_counter() - start)
 
     async def start(self) -> None:
         return None
@@ -112,7 +153,9 @@ class HttpLLMClient(ModelEngine):
         if isinstance(exc, httpx.TimeoutException):
             return UpstreamError(f"{where} timed out after {self.spec.timeout:g}s",
                                  code="upstream_timeout")
-        return UpstreamError(f"{where} failed: {exc.__class__.__name__}")
+        err = UpstreamError(f"{where} failed: {exc.__class__.__name__}")
+        err.backend_reason = "transport"
+        return err
 
     async def _raise_for(self, response: httpx.Response) -> None:
         if response.status_code < 400:
@@ -171,47 +214,49 @@ class HttpLLMClient(ModelEngine):
     async def generate(self, request: EngineRequest) -> Completion:
         route, body = self._route_and_body(request, stream=False)
         start = time.perf_counter()
-        try:
-            response = await self._client.post(route, json=body)
-        except httpx.HTTPError as exc:
-            raise self._error(exc) from None
-        await self._raise_for(response)
-        try:
-            return self._completion(route, response.json(), request,
-                                    time.perf_counter() - start)
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise UpstreamError(f"remote model {self.spec.name!r} sent a malformed "
-                                "response") from None
+        with self._observed():
+            try:
+                response = await self._client.post(route, json=body)
+            except httpx.HTTPError as exc:
+                raise self._error(exc) from None
+            await self._raise_for(response)
+            try:
+                return self._completion(route, response.json(), request,
+                                        time.perf_counter() - start)
+            except (ValueError, KeyError, IndexError, TypeError):
+                raise _malformed(f"remote model {self.spec.name!r} sent a malformed "
+                                 "response") from None
 
     async def stream(self, request: EngineRequest) -> AsyncIterator[StreamDelta | Completion]:
         route, body = self._route_and_body(request, stream=True)
         start = time.perf_counter()
         text, finish, usage, ttft = [], "stop", {}, None
-        try:
-            async with self._client.stream("POST", route, json=body) as response:
-                await self._raise_for(response)
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    payload = line[5:].strip()
-                    if payload == "[DONE]":
-                        break
-                    event = json.loads(payload)
-                    if "error" in event:
-                        raise UpstreamError(f"remote model {self.spec.name!r}: "
-                                            f"{event['error'].get('message')}")
-                    usage = event.get("usage") or usage
-                    piece, reason = self._piece(route, event)
-                    finish = reason or finish
-                    if piece:
-                        ttft = ttft if ttft is not None else time.perf_counter() - start
-                        text.append(piece)
-                        yield StreamDelta(text=piece)
-        except httpx.HTTPError as exc:
-            raise self._error(exc) from None
-        except (ValueError, KeyError, TypeError):
-            raise UpstreamError(f"remote model {self.spec.name!r} sent a malformed "
-                                "stream") from None
+        with self._observed():
+            try:
+                async with self._client.stream("POST", route, json=body) as response:
+                    await self._raise_for(response)
+                    async for line in response.aiter_lines():
+                        if not line.startswith("data:"):
+                            continue
+                        payload = line[5:].strip()
+                        if payload == "[DONE]":
+                            break
+                        event = json.loads(payload)
+                        if "error" in event:
+                            raise UpstreamError(f"remote model {self.spec.name!r}: "
+                                                f"{event['error'].get('message')}")
+                        usage = event.get("usage") or usage
+                        piece, reason = self._piece(route, event)
+                        finish = reason or finish
+                        if piece:
+                            ttft = ttft if ttft is not None else time.perf_counter() - start
+                            text.append(piece)
+                            yield StreamDelta(text=piece)
+            except httpx.HTTPError as exc:
+                raise self._error(exc) from None
+            except (ValueError, KeyError, TypeError):
+                raise _malformed(f"remote model {self.spec.name!r} sent a malformed "
+                                 "stream") from None
         yield Completion(text="".join(text), finish_reason=finish,
                          prompt_tokens=usage.get("prompt_tokens", 0),
                          completion_tokens=usage.get("completion_tokens", len(text)), ttft_s=ttft)

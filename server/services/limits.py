@@ -36,8 +36,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from prometheus_client import Counter
-
+from server import metrics
 from server.db.tables import utcnow
 from server.errors import QuotaExceeded, RateLimited, Unavailable
 from server.services import quotas
@@ -45,14 +44,6 @@ from server.services.keys import KeyInfo
 from server.services.quotas import current_month, effective_limits, next_month_start
 
 log = logging.getLogger("llmctl.limits")
-
-REJECTIONS = Counter(
-    "llmctl_rate_limit_rejections_total",
-    "Requests refused by a per-key limit, by reason (rate, tokens, concurrency, quota).",
-    ["reason"],
-)
-for _reason in ("rate", "tokens", "concurrency", "quota"):
-    REJECTIONS.labels(_reason)
 
 WINDOW_MS = 60_000
 LEASE_MS = 120_000  # an in-flight slot's lease in Redis; renewed every LEASE_MS / 4
@@ -273,7 +264,7 @@ class Admission:
 
     def __init__(self, limiter: Limiter, key: KeyInfo, *, backend: str | None, member: str,
                  reserve: int, tpm: int, month: str, quota_held: bool, headers: dict[str, str],
-                 leased: bool = False):
+                 leased: bool = False, quota: int = 0):
         self._limiter = limiter
         self.key = key
         self.backend = backend  # "redis", "local" or None (no rate limits)
@@ -283,6 +274,7 @@ class Admission:
         self.leased = leased  # holds an in-flight slot in Redis
         self.month = month
         self.quota_held = quota_held
+        self.quota = quota
         self.headers = headers
         self.settled = False
         self.charged: int | None = None
@@ -347,7 +339,7 @@ class Limiter:
         headers = _headers(rpm, tpm, check)
         adm = Admission(self, key, backend=backend, member=member, reserve=reserve, tpm=tpm,
                         month=month, quota_held=False, headers=headers,
-                        leased=backend == "redis" and conc > 0)
+                        leased=backend == "redis" and conc > 0, quota=quota)
         if quota:
             try:
                 held = await asyncio.to_thread(quotas.reserve, self.db, key.id, month, reserve,
@@ -382,7 +374,7 @@ class Limiter:
 
         fallback = None if self.redis.fail_closed else local
         try:
-            return await self.redis.run(shared, fallback)
+            return await self.redis.run(shared, fallback, operation="limits")
         except Unavailable as exc:
             raise Unavailable(
                 "rate limits are unavailable: Redis is down and LLMCTL_REDIS_FAIL_CLOSED "
@@ -391,7 +383,6 @@ class Limiter:
 
     def _reject(self, key: KeyInfo, check: _Check, rpm: int, tpm: int, conc: int,
                 reserve: int):
-        REJECTIONS.labels(check.reason).inc()
         headers = _headers(rpm, tpm, check)
         if check.retry_ms != NEVER:
             headers.update(_retry_after(check.retry_ms))
@@ -408,11 +399,12 @@ class Limiter:
         else:
             msg = (f"Too many requests in flight for key {key.name!r}: the limit is {conc} "
                    "at a time.")
-        raise RateLimited(msg, headers=headers)
+        err = RateLimited(msg, headers=headers)
+        err.reason = check.reason  # rate, tokens or concurrency (llmctl_rejections_total)
+        raise err
 
     def _reject_quota(self, key: KeyInfo, quota: int, reserve: int, month: str,
                       headers: dict[str, str]):
-        REJECTIONS.labels("quota").inc()
         resets = next_month_start(month)
         seconds = max(1, math.ceil((resets - utcnow()).total_seconds()))
         raise QuotaExceeded(
@@ -448,11 +440,13 @@ class Limiter:
                         args=[adm.tpm, refund, adm.member, 1 if undo_request else 0])
 
                 # Redis down: its lease expires by itself; nothing to do here.
-                await self.redis.run(shared, lambda: None)
+                await self.redis.run(shared, lambda: None, operation="limits")
             if adm.quota_held:
                 adm.quota_held = False
-                await asyncio.to_thread(quotas.settle, self.db, adm.key.id, adm.month,
-                                        adm.reserve, charged)
+                used = await asyncio.to_thread(quotas.settle, self.db, adm.key.id, adm.month,
+                                               adm.reserve, charged)
+                if used is not None and adm.quota:
+                    metrics.KEY_QUOTA_USED.labels(str(adm.key.id)).set(used / adm.quota)
         except Exception:  # noqa: BLE001 - settling runs in finally blocks; never mask
             log.exception("settling request limits for key %s failed", adm.key.id)
 
@@ -472,7 +466,7 @@ class Limiter:
                 await self.redis.run(
                     lambda _c, leases=leases: self._script_renew(keys=list(leases.values()),
                                                                   args=[LEASE_MS, *leases]),
-                    lambda: None)
+                    lambda: None, operation="limits")
             except Exception:  # noqa: BLE001
                 log.exception("renewing in-flight leases failed")
 

@@ -19,6 +19,7 @@ from operator import attrgetter
 from sqlalchemy import bindparam, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from server import metrics
 from server.db.tables import ApiKey, RequestLog, UsageMonthly, utcnow
 
 log = logging.getLogger("llmctl.logs")
@@ -185,10 +186,9 @@ class LogStore:
                 await asyncio.to_thread(write_batch, self.db, batch)
                 del self._pending[: len(batch)]
                 self._written += len(batch)
+                metrics.LOG_ROWS_WRITTEN.inc(len(batch))
 
     async def _run(self) -> None:
-        from server.api.metrics import LOG_WRITE_ERRORS
-
         while not self._stopping:
             try:
                 await asyncio.wait_for(self._wake.wait(), self.interval)
@@ -198,7 +198,7 @@ class LogStore:
             try:
                 await self.flush()
             except Exception as exc:  # keep the rows; try again next tick
-                LOG_WRITE_ERRORS.inc()
+                metrics.DATABASE_ERRORS.labels("log_write").inc()
                 log.warning("request-log write failed (%d rows kept for retry): %s",
                             len(self._pending), exc)
                 await asyncio.sleep(min(5.0, self.interval * 4))
@@ -215,5 +215,8 @@ class LogStore:
                 await self.flush()
                 return
             except Exception as exc:
+                metrics.DATABASE_ERRORS.labels("log_write").inc()
                 log.error("request-log final flush failed (attempt %d): %s", attempt + 1, exc)
                 await asyncio.sleep(0.5)
+        metrics.LOG_ROWS_DROPPED.inc(len(self._pending))
+        log.error("request-log: %d rows could not be written and are lost", len(self._pending))

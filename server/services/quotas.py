@@ -92,14 +92,16 @@ def reserve(db, key_id: int, month: str, tokens: int, quota: int) -> bool:
         return s.execute(cond).rowcount == 1
 
 
-def settle(db, key_id: int, month: str, reserved: int, charged: int) -> None:
-    """Turn a reservation into `charged` used tokens (0 releases it)."""
+def settle(db, key_id: int, month: str, reserved: int, charged: int) -> int | None:
+    """Turn a reservation into `charged` used tokens (0 releases it); the month's used
+    tokens after it (None when the month has no row)."""
     with db.session() as s:
-        s.execute(update(QuotaMonth).where(
+        return s.execute(update(QuotaMonth).where(
             QuotaMonth.key_id == key_id, QuotaMonth.month == month,
         ).values(used_tokens=QuotaMonth.used_tokens + charged,
                  reserved_tokens=QuotaMonth.reserved_tokens - reserved,
-                 ).execution_options(synchronize_session=False))
+                 ).returning(QuotaMonth.used_tokens).execution_options(
+            synchronize_session=False)).scalar()
 
 
 def ledger(db, key_id: int, month: str) -> tuple[int, int] | None:

@@ -8,6 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from server import metrics
 from server.api.deps import State
 from server.errors import LlmctlError
 
@@ -26,6 +27,7 @@ async def readyz(state: State):
         await asyncio.to_thread(state.db.ping)
         checks["database"] = {"ok": True}
     except LlmctlError as exc:
+        metrics.DATABASE_ERRORS.labels("ping").inc()
         checks["database"] = {"ok": False, "reason": exc.message}
     for spec in state.manager.specs:
         engine = state.manager.loaded(spec)
@@ -45,5 +47,5 @@ async def readyz(state: State):
 
 
 @router.get("/metrics")
-async def metrics():
+async def prometheus_metrics():
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
