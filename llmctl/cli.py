@@ -12,7 +12,7 @@ import typer
 from typer.core import TyperGroup
 
 from llmctl import output
-from llmctl.commands import bench, cache, db, keys, logs, models, quotas, serve, usage
+from llmctl.commands import bench, cache, db, keys, logs, models, quotas, serve, top, usage
 from llmctl.commands import eval as eval_cmd
 from server.errors import LlmctlError
 
@@ -39,6 +39,7 @@ app = typer.Typer(
 )
 app.command("serve")(serve.serve)
 app.command("usage")(usage.usage)
+app.command("top")(top.top)
 for module, name in [(keys, "keys"), (models, "models"), (db, "db"), (quotas, "quotas"),
                      (logs, "logs"), (cache, "cache"), (bench, "bench"), (eval_cmd, "eval")]:
     app.add_typer(module.app, name=name)

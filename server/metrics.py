@@ -138,8 +138,16 @@ def _version() -> str:
 
 
 BUILD_INFO.labels(_version(), platform.python_version()).set(1)
+# Known label values start at 0, so that rate() and the dashboard see them before the
+# first error (https://prometheus.io/docs/practices/instrumentation/#avoid-missing-metrics).
 for _reason in ("auth", "rate", "tokens", "concurrency", "quota", "overloaded", "bad_request"):
     REJECTIONS.labels(_reason)
+for _operation in ("request", "log_write", "cache_read", "cache_write", "ping"):
+    DATABASE_ERRORS.labels(_operation)
+for _operation in ("limits", "cache", "probe"):
+    REDIS_ERRORS.labels(_operation)
+BACKEND_ERROR_REASONS = ("unreachable", "timeout", "rate_limited", "client_error",
+                         "server_error", "malformed", "transport")
 
 # ----------------------------------------------------------------- recording
 

@@ -12,4 +12,5 @@ pytest_plugins = [
     "tests.plugins.redis",
     "tests.plugins.models",
     "tests.plugins.live",
+    "tests.plugins.operated",
 ]

@@ -93,6 +93,8 @@ class HttpLLMClient(ModelEngine):
         self.backend = str(url.copy_with(userinfo=b"")) if url.userinfo else self.base_url
         self._requests = metrics.BACKEND_REQUESTS.labels(spec.name, self.backend)
         self._duration = metrics.BACKEND_LATENCY.labels(spec.name, self.backend)
+        for reason in metrics.BACKEND_ERROR_REASONS:
+            metrics.BACKEND_ERRORS.labels(spec.name, self.backend, reason)
 
     @contextmanager
     def _observed(self) -> Iterator[None]:
