@@ -99,3 +99,29 @@ def test_labels_are_bounded(operated):
             assert not any(secret in str(sample.labels.values())
                            for secret in operated.keys.values())
             assert "observe me" not in str(sample.labels)
+
+
+def test_errors_map_to_rejection_reasons_in_one_place():
+    from server.errors import (
+        AuthenticationError,
+        DatabaseError,
+        InvalidRequest,
+        ModelNotFound,
+        Overloaded,
+        PermissionDenied,
+        QuotaExceeded,
+        RateLimited,
+        UpstreamError,
+    )
+    from server.metrics import rejection_reason
+
+    tokens = RateLimited("too many tokens")
+    tokens.reason = "tokens"  # what the limiter sets
+    conflict = InvalidRequest("x")
+    conflict.status_code = 409
+    cases = [(AuthenticationError("x"), "auth"), (PermissionDenied("x"), "permission"),
+             (QuotaExceeded("x"), "quota"), (Overloaded("x"), "overloaded"),
+             (RateLimited("x"), "rate"), (tokens, "tokens"), (ModelNotFound("x"), "not_found"),
+             (InvalidRequest("x"), "bad_request"), (conflict, "bad_request"),
+             (DatabaseError("x"), "unavailable"), (UpstreamError("x"), None)]
+    assert [rejection_reason(e) for e, _ in cases] == [r for _, r in cases]
