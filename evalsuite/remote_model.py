@@ -59,6 +59,7 @@ class OpenAIModel(EvalModel):
                                    limits=httpx.Limits(max_connections=self.concurrency + 2),
                                    transport=transport)
         self._chat_only: bool | None = None
+        self._answered = False  # the server has answered at least once
         self._ll_error: Exception | None = None
         self._lock = threading.Lock()
 
@@ -72,11 +73,15 @@ class OpenAIModel(EvalModel):
             try:
                 resp = self.client.post(path, json=body)
             except httpx.HTTPError as exc:
-                if attempt == RETRIES:
+                # Refused before the server ever answered: a wrong URL or a server that
+                # is not running, which retrying for half a minute does not fix.
+                if attempt == RETRIES or (isinstance(exc, httpx.ConnectError)
+                                          and not self._answered):
                     raise UpstreamError(f"{self.base_url}: {type(exc).__name__}: {exc}") from None
                 time.sleep(delay)
                 delay = min(delay * 2, 10)
                 continue
+            self._answered = True
             if resp.status_code == 200:
                 return resp.json()
             retry = resp.status_code >= 500 or (resp.status_code == 429

@@ -7,12 +7,13 @@ from functools import cached_property
 
 import typer
 
-from server.config import Settings
+from server.config import Settings, load_settings
 
 
 @dataclass
 class AppContext:
-    settings: Settings = field(default_factory=Settings)
+    # load_settings: a bad LLMCTL_*/alias value is one line naming the variable.
+    settings: Settings = field(default_factory=load_settings)
 
     @cached_property
     def db(self):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
+from dotenv import dotenv_values
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -49,7 +50,7 @@ class Settings(BaseSettings):
     preload: bool = False
     # --- server
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = Field(default=8000, ge=1, le=65535)
     log_prompts: bool = False
     log_flush_interval: float = 0.25
     log_batch_size: int = 500
@@ -168,6 +169,39 @@ class ModelsConfig(BaseModel):
         return [m.name for m in self.models]
 
 
+def _env_name(field: str) -> str:
+    """The environment variable the user set for `field` (an alias or the prefixed
+    name), so that an error names what they typed: MODEL_DEVICE, not
+    LLMCTL_MODEL_DEVICE."""
+    info = Settings.model_fields.get(field)
+    alias = info.validation_alias if info is not None else None
+    names = (list(alias.choices) if isinstance(alias, AliasChoices)
+             else [f"LLMCTL_{field.upper()}"])
+    env_file = Path(".env")
+    dotenv = {k.upper() for k in dotenv_values(env_file)} if env_file.is_file() else set()
+    environ = {k.upper() for k in os.environ}
+    for pool in (environ, dotenv):
+        for name in names:
+            if name.upper() in pool:
+                return str(name)
+    return str(names[0])
+
+
+def load_settings() -> Settings:
+    """Settings from the environment and `.env`; a bad value is a ConfigError that
+    names the variable as set and the value, never a pydantic traceback."""
+    try:
+        return Settings()
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = str(first["loc"][0]) if first["loc"] else ""
+        field = next((name for name, info in Settings.model_fields.items()
+                      if loc == name or (isinstance(info.validation_alias, AliasChoices)
+                                         and loc in info.validation_alias.choices)), loc)
+        raise ConfigError(f"{_env_name(field)}={first.get('input')!r}: "
+                          f"{first['msg']}") from None
+
+
 def _describe(err: ValidationError, data: dict, where: str) -> str:
     first = err.errors()[0]
     loc = list(first["loc"])
@@ -205,6 +239,11 @@ def load_models_config(settings: Settings, path: Path | str | None = None) -> Mo
     if not isinstance(data, dict):
         raise ConfigError(f"{candidate}: expected a mapping with 'models' at the top")
     try:
-        return ModelsConfig.model_validate(data)
+        config = ModelsConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_describe(err, data, str(candidate))) from None
+    # A relative `path:` means "next to this file", wherever `llmctl serve` runs.
+    for spec in config.models:
+        if spec.path:
+            spec.path = str(candidate.parent.resolve() / Path(spec.path).expanduser())
+    return config

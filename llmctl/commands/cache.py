@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Annotated
 
 import typer
 
 from llmctl import context, output
 from llmctl.output import JsonOption
+from llmctl.params import duration
 from server.services import cache as svc
-from server.services.keys import parse_duration
 
 app = typer.Typer(help="Inspect and empty the completion cache.", no_args_is_help=True)
 
@@ -24,6 +25,10 @@ def _size(n: int) -> str:
             return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+def _entries(n: int) -> str:
+    return f"{n} entry" if n == 1 else f"{n} entries"
 
 
 def _ratio(r: float | None) -> str:
@@ -65,19 +70,21 @@ def clear(ctx: typer.Context, model: Model = None, as_json: JsonOption = False):
     result = svc.clear(app_ctx.db, model=model, redis_url=app_ctx.settings.redis_active_url)
     what = f"model {model}" if model else "all models"
     output.emit(result, as_json,
-                lambda: f"Cleared {result['deleted']} entries ({what}).{_redis_note(result)}")
+                lambda: f"Cleared {_entries(result['deleted'])} ({what}).{_redis_note(result)}")
 
 
 @app.command()
 def purge(
     ctx: typer.Context,
-    older_than: Annotated[str, typer.Option("--older-than",
-                                            help="Age, e.g. 7d, 12h: entries created before.")],
+    older_than: Annotated[timedelta, typer.Option(
+        "--older-than", parser=duration, metavar="AGE",
+        help="Age, e.g. 7d, 12h: entries created before.")],
     as_json: JsonOption = False,
 ):
     """Delete entries created longer ago than --older-than."""
     app_ctx = context.get(ctx)
-    age = parse_duration(older_than, param="older-than")
-    result = svc.purge(app_ctx.db, older_than=age, redis_url=app_ctx.settings.redis_active_url)
+    result = svc.purge(app_ctx.db, older_than=older_than,
+                       redis_url=app_ctx.settings.redis_active_url)
     output.emit(result, as_json, lambda: (
-        f"Purged {result['deleted']} entries older than {older_than}.{_redis_note(result)}"))
+        f"Purged {_entries(result['deleted'])} created before "
+        f"{result['cutoff']:%Y-%m-%d %H:%M:%S} UTC.{_redis_note(result)}"))

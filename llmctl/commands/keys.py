@@ -8,6 +8,7 @@ import typer
 
 from llmctl import context, output
 from llmctl.output import JsonOption
+from llmctl.params import Role
 from server.services import keys as svc
 
 app = typer.Typer(help="Create and manage API keys.", no_args_is_help=True)
@@ -46,7 +47,7 @@ def _print_created(created: svc.CreatedKey, as_json: bool, verb: str) -> None:
 def create(
     ctx: typer.Context,
     name: Annotated[str, typer.Option("--name", help="A unique name for the key.")],
-    role: Annotated[str, typer.Option("--role", help="admin or user.")] = "user",
+    role: Annotated[Role, typer.Option("--role")] = Role.user,
     rpm: Rpm = None, tpm: Tpm = None, max_concurrency: Conc = None, monthly_tokens: Monthly = None,
     models: Models = None, expires: Expires = None,
     value: Annotated[str | None, typer.Option("--value", help="Import this secret.")] = None,
@@ -54,7 +55,7 @@ def create(
 ):
     """Create a key and print its secret once."""
     created = svc.create_key(
-        context.get(ctx).db, name=name, role=role, models=_models(models), expires_in=expires,
+        context.get(ctx).db, name=name, role=role.value, models=_models(models), expires_in=expires,
         value=value, rpm=rpm, tpm=tpm, max_concurrency=max_concurrency,
         monthly_token_quota=monthly_tokens,
     )
@@ -79,14 +80,15 @@ def show(ctx: typer.Context, key: KeyRef, as_json: JsonOption = False):
 @app.command()
 def update(
     ctx: typer.Context, key: KeyRef,
-    role: Annotated[str | None, typer.Option("--role", help="admin or user.")] = None,
+    role: Annotated[Role | None, typer.Option("--role")] = None,
     rpm: Rpm = None, tpm: Tpm = None, max_concurrency: Conc = None, monthly_tokens: Monthly = None,
     models: Models = None, expires: Expires = None, as_json: JsonOption = False,
 ):
     """Change a key's role, limits, allowed models or expiry."""
     info = svc.update_key(
-        context.get(ctx).db, key, role=role, models=_models(models), expires_in=expires, rpm=rpm,
-        tpm=tpm, max_concurrency=max_concurrency, monthly_token_quota=monthly_tokens,
+        context.get(ctx).db, key, role=role.value if role else None, models=_models(models),
+        expires_in=expires, rpm=rpm, tpm=tpm, max_concurrency=max_concurrency,
+        monthly_token_quota=monthly_tokens,
     )
     output.emit(info.to_dict(), as_json, lambda: output.table(None, COLUMNS, [_row(info)]))
 

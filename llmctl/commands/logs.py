@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -19,6 +20,7 @@ from rich.console import Group
 
 from llmctl import context, output
 from llmctl.output import JsonOption
+from llmctl.params import ExportFormat, duration
 from server.services import logquery as svc
 
 app = typer.Typer(help="Search, follow, export and prune request logs.", no_args_is_help=True)
@@ -44,6 +46,11 @@ def _row(e: dict) -> list:
             e["cache_status"], e["error_type"]]
 
 
+def _table(entries: list[dict]):
+    # Request ids are what people copy into `logs show`: never cut them.
+    return output.table(None, COLUMNS, [_row(e) for e in entries], whole=("request id",))
+
+
 @app.command()
 def search(ctx: typer.Context, key: Key = None, model: Model = None, status: Status = None,
            since: Since = None, until: Until = None,
@@ -56,7 +63,7 @@ def search(ctx: typer.Context, key: Key = None, model: Model = None, status: Sta
                       until=until, limit=limit, cursor=cursor)
 
     def render():
-        table = output.table(None, COLUMNS, [_row(e) for e in page["items"]])
+        table = _table(page["items"])
         more = f"\nMore: --cursor {page['next_cursor']}" if page["next_cursor"] else ""
         return table if not more else Group(table, more)
 
@@ -65,7 +72,8 @@ def search(ctx: typer.Context, key: Key = None, model: Model = None, status: Sta
 
 @app.command()
 def show(ctx: typer.Context,
-         request_id: Annotated[str, typer.Argument(help="The x-request-id of the request.")],
+         request_id: Annotated[str, typer.Argument(
+             help="The x-request-id of the request, or a unique prefix of it.")],
          as_json: JsonOption = False):
     """Show one logged request in full."""
     entry = svc.show(context.get(ctx).db, request_id)
@@ -85,7 +93,7 @@ def tail(ctx: typer.Context,
     db = context.get(ctx).db
     entries = svc.tail(db, n)
     if not follow:
-        output.emit(entries, as_json, lambda: output.table(None, COLUMNS, map(_row, entries)))
+        output.emit(entries, as_json, lambda: _table(entries))
         return
     follower = svc.Follower(db, entries[-1]["id"] if entries else 0)
     try:
@@ -104,14 +112,20 @@ def tail(ctx: typer.Context,
 
 @app.command()
 def export(ctx: typer.Context,
-           fmt: Annotated[str, typer.Option("--format", help="jsonl or csv.")] = "jsonl",
+           fmt: Annotated[ExportFormat | None, typer.Option(
+               "--format", help="jsonl (one entry a line), json (one array) or csv. "
+               "Default: json with --json to stdout, else jsonl.")] = None,
            out: Annotated[Path | None, typer.Option("--output", "-o",
                                                     help="File (default: stdout).")] = None,
            key: Key = None, model: Model = None, status: Status = None, since: Since = None,
            until: Until = None, as_json: JsonOption = False):
-    """Write matching entries, oldest first, as JSON lines or CSV."""
+    """Write matching entries, oldest first, as JSON lines, one JSON document or CSV.
+
+    With --output, --json prints a summary of what was written."""
     db = context.get(ctx).db
     filters = dict(key=key, model=model, status=status, since=since, until=until)
+    # A script that asks for --json on stdout gets one JSON document.
+    fmt = (fmt or (ExportFormat.json if as_json and out is None else ExportFormat.jsonl)).value
     if out is None:
         svc.export(db, sys.stdout, fmt, **filters)
         return
@@ -123,8 +137,8 @@ def export(ctx: typer.Context,
 
 @app.command()
 def prune(ctx: typer.Context,
-          older_than: Annotated[str, typer.Option("--older-than",
-                                                  help="Age, e.g. 90d, 12w.")],
+          older_than: Annotated[timedelta, typer.Option(
+              "--older-than", parser=duration, metavar="AGE", help="Age, e.g. 90d, 12w.")],
           dry_run: Annotated[bool, typer.Option("--dry-run", help="Only count.")] = False,
           as_json: JsonOption = False):
     """Delete entries older than an age (usage totals are kept)."""

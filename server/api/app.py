@@ -38,7 +38,10 @@ log = logging.getLogger("llmctl.api")
 
 
 def create_app(settings: Settings | None = None, models: ModelsConfig | None = None, *,
-               engine_factory: EngineFactory = default_engine_factory) -> FastAPI:
+               engine_factory: EngineFactory = default_engine_factory,
+               load_default: bool = False) -> FastAPI:
+    """`load_default`: start loading the default model in the lifespan, in the
+    background (`llmctl serve` without --lazy); /readyz is 503 until it is loaded."""
     settings = settings or Settings()
     models = models if models is not None else load_models_config(settings)
 
@@ -67,6 +70,8 @@ def create_app(settings: Settings | None = None, models: ModelsConfig | None = N
         metrics.watch(manager, logstore)
         if settings.preload:
             await manager.preload()
+        elif load_default and models.default_model is not None:
+            manager.load_in_background(manager.spec(None))
         try:
             yield
         finally:

@@ -8,6 +8,7 @@ the response is finished, streamed or not, successful or not.
 from __future__ import annotations
 
 import os
+import re
 import time
 
 from server import metrics
@@ -36,6 +37,21 @@ def new_request_id() -> str:
     return "req_" + os.urandom(16).hex()
 
 
+# What a client's X-Request-ID may be to be kept (logged, echoed): the request-log
+# column's length, and characters that are safe in logs, terminals and URLs.
+_CLIENT_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,64}")
+
+
+def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
+    """The client's X-Request-ID when it is a safe value, else a new id."""
+    for name, value in headers:
+        if name == b"x-request-id":
+            if _CLIENT_ID.fullmatch(value):
+                return value.decode()
+            break
+    return new_request_id()
+
+
 class RequestContextMiddleware:
     def __init__(self, app):
         self.app = app
@@ -43,7 +59,7 @@ class RequestContextMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] in _PROBES:
             return await self.app(scope, receive, send)
-        request_id = new_request_id()
+        request_id = request_id_from(scope["headers"])
         logged = scope["path"].startswith("/v1/")
         if logged and scope["method"] in ("POST", "PATCH", "PUT"):
             scope["headers"] = _as_json(scope["headers"])

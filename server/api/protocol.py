@@ -143,11 +143,14 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     max_tokens: int | None = Field(default=None, ge=1)
     n: int = Field(default=1, ge=1, le=16)
+    response_format: dict | None = None
     seed: int | None = None
     stop: Stop = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: Temperature = 1.0
+    tool_choice: str | dict | None = None
+    tools: list[dict] | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     top_p: TopP = 1.0
     user: str | None = None
@@ -156,3 +159,31 @@ class ChatCompletionRequest(_Request):
 
     def plain_messages(self) -> list[dict]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+    def raw_messages(self) -> list[dict]:
+        """The messages as sent (content parts, tool calls and all), for a remote."""
+        return [m.model_dump(exclude_none=True) for m in self.messages]
+
+    def passthrough(self) -> dict:
+        """The fields llmctl forwards to remote engines without interpreting them."""
+        return {f: getattr(self, f) for f in PASSTHROUGH if getattr(self, f) is not None}
+
+    def first_unsupported_by_local(self) -> str | None:
+        """The first field a local engine cannot honour: a passthrough field that asks
+        for something, or `messages[i].content[j]` for a content part that is not text
+        (an image)."""
+        for name, value in self.passthrough().items():
+            if value != _NO_OP[name]:
+                return name
+        for i, m in enumerate(self.messages):
+            if isinstance(m.content, list):
+                for j, part in enumerate(m.content):
+                    if part.get("type") != "text":
+                        return f"messages[{i}].content[{j}]"
+        return None
+
+
+# OpenAI chat fields llmctl does not interpret itself (see passthrough), and the
+# value of each that asks for nothing (some SDKs always send them).
+_NO_OP = {"tools": [], "tool_choice": "none", "response_format": {"type": "text"}}
+PASSTHROUGH = tuple(_NO_OP)

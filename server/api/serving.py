@@ -111,10 +111,11 @@ class Gateway:
         params: SamplingParams, prompts: list[str | list[int]] | None = None,
         messages: list[dict] | None = None, n: int = 1, echo_logprobs: bool = False,
         max_tokens_field: str = "max_tokens", prompt_field: str = "prompt",
-        policy: CachePolicy | None = None, fit_context: bool = False,
+        policy: CachePolicy | None = None, fit_context: bool = False, extra: dict | None = None,
     ) -> Call:
         """Resolve and check everything. `fit_context` lowers a default max_new_tokens to
-        what the context leaves (OpenAI chat's behaviour when max_tokens is not given)."""
+        what the context leaves (OpenAI chat's behaviour when max_tokens is not given).
+        `extra`: fields forwarded unchanged to a remote engine (EngineRequest.extra)."""
         spec = self.manager.spec(model)
         if record is not None:
             record.model = spec.name
@@ -149,7 +150,8 @@ class Gateway:
                     f"({limit} tokens)", param=prompt_field, code="context_length_exceeded")
 
         requests = [
-            EngineRequest(params=params, prompt=p, messages=messages, echo_logprobs=echo_logprobs)
+            EngineRequest(params=params, prompt=p, messages=messages, echo_logprobs=echo_logprobs,
+                          extra=extra)
             for p in inputs for _ in range(n)
         ]
         known = [c if c is not None else len(t) // 3 + 1 for c, t in zip(counts, texts,

@@ -6,8 +6,10 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 
 from server.db.engine import MIGRATIONS_DIR
+from server.errors import InvalidRequest
 
 
 def alembic_config(db) -> Config:
@@ -26,12 +28,21 @@ def current_revision(db) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+def _move(step, db, revision: str) -> None:
+    # Alembic reports an unknown or unreachable target as a CommandError: that is
+    # the user's input, not a crash ("Can't locate revision identified by 'zzz'").
+    try:
+        step(alembic_config(db), revision)
+    except CommandError as exc:
+        raise InvalidRequest(f"revision {revision!r}: {exc}", param="revision") from None
+
+
 def upgrade(db, revision: str = "head") -> None:
-    command.upgrade(alembic_config(db), revision)
+    _move(command.upgrade, db, revision)
 
 
 def downgrade(db, revision: str) -> None:
-    command.downgrade(alembic_config(db), revision)
+    _move(command.downgrade, db, revision)
 
 
 def history() -> list[dict]:

@@ -116,7 +116,8 @@ class RequestLog(Base):
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    request_id: Mapped[str] = mapped_column(String(64), unique=True)
+    # Not unique: a client's X-Request-ID is kept, and clients reuse theirs on retries.
+    request_id: Mapped[str] = mapped_column(String(64), index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
     key_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     model: Mapped[str | None] = mapped_column(String(256), nullable=True)

@@ -45,6 +45,9 @@ class EngineRequest:
     messages: list[dict] | None = None
     request_id: str = ""
     echo_logprobs: bool = False  # also return per-token logprobs of the prompt
+    # OpenAI chat fields llmctl does not interpret (tools, tool_choice,
+    # response_format): only remote engines take them, forwarded unchanged.
+    extra: dict | None = None
 
 
 @dataclass
@@ -63,6 +66,7 @@ class StreamDelta:
     text: str
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    tool_calls: list[dict] | None = None  # a remote's delta.tool_calls, as sent
 
 
 @dataclass
@@ -78,6 +82,7 @@ class Completion:
     prompt_text: str | None = None  # the exact text the model saw (for echo)
     prompt_logprobs: list[TokenLogprob] | None = None  # when echo_logprobs
     ttft_s: float | None = None
+    tool_calls: list[dict] | None = None  # a remote's message.tool_calls, as sent
 
 
 class ModelEngine(ABC):

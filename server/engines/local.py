@@ -40,6 +40,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 
 from server.config import ModelSpec, Settings
+from server.engines import hub
 from server.engines.base import Completion, EngineRequest, ModelEngine, SamplingParams, StreamDelta
 from server.engines.device import configure_threads, release_memory, resolve_device, resolve_dtype
 from server.engines.scheduler import EngineStats, Scheduler, Sequence, prompt_logprobs
@@ -78,6 +79,7 @@ class LocalEngine(ModelEngine):
         self._scheduler: Scheduler | None = None
         self._context: int | None = spec.max_context
         self._vocab: int | None = None
+        self._resolved: hub.Source | None = None
         self._load_lock = threading.Lock()
         self._tok_lock = threading.Lock()  # this side's tokenizer (the loop has its own)
         self._pieces: dict[int, str] = {}
@@ -105,12 +107,15 @@ class LocalEngine(ModelEngine):
             configure_threads(self.settings.torch_threads)
             self._ensure_tokenizer()
             loop_tokenizer = self._load_tokenizer()
+            source = self._source()
             try:
                 model = AutoModelForCausalLM.from_pretrained(
-                    self.spec.source, revision=self.spec.revision, dtype=dtype)
+                    source.name_or_path, revision=self.spec.revision, dtype=dtype,
+                    **source.kwargs())
             except (OSError, ValueError) as exc:
-                raise ConfigError(f"cannot load model {self.model_id!r} from "
-                                  f"{self.spec.source!r}: {exc}") from None
+                self._resolved = None  # a later request probes again (the network may be back)
+                raise ConfigError(f"cannot load model {self.model_id!r}: "
+                                  f"{source.explain() or exc}") from None
             model.to(device).eval()
             self.model, self.device, self.dtype = model, device, dtype
             self._vocab = model.get_input_embeddings().num_embeddings
@@ -213,14 +218,22 @@ class LocalEngine(ModelEngine):
             raise InvalidRequest(f"cannot render messages with the chat template: {exc}",
                                  param="messages") from None
 
+    def _source(self) -> hub.Source:
+        if self._resolved is None:  # probed once, not once per file
+            self._resolved = hub.resolve(self.spec)
+        return self._resolved
+
     def _load_tokenizer(self):
         from transformers import AutoTokenizer
 
+        source = self._source()
         try:
-            return AutoTokenizer.from_pretrained(self.spec.source, revision=self.spec.revision)
+            return AutoTokenizer.from_pretrained(source.name_or_path,
+                                                 revision=self.spec.revision, **source.kwargs())
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot load the tokenizer of model {self.model_id!r} from "
-                              f"{self.spec.source!r}: {exc}") from None
+            self._resolved = None  # a later request probes again (the network may be back)
+            raise ConfigError(f"cannot load the tokenizer of model {self.model_id!r}: "
+                              f"{source.explain() or exc}") from None
 
     def _ensure_tokenizer(self):
         if self.tokenizer is None:

@@ -1,6 +1,7 @@
 """MultiModelManager: routes a request's `model` to its engine.
 
-Engines are built from models.yaml on first use (or at start with --preload) and
+Engines are built from models.yaml on first use, in the background at start for
+the default model (`llmctl serve` without --lazy), or all at start (--preload), and
 kept for the life of the app. Local models go to LocalEngine (transformers), remote
 ones to HttpLLMClient; tests may pass their own `engine_factory`.
 """
@@ -8,11 +9,14 @@ ones to HttpLLMClient; tests may pass their own `engine_factory`.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 
 from server.config import ModelsConfig, ModelSpec, Settings
 from server.engines.base import ModelEngine
 from server.errors import ModelNotFound
+
+log = logging.getLogger("llmctl.engines")
 
 EngineFactory = Callable[[ModelSpec, Settings], ModelEngine]
 EngineHook = Callable[[ModelSpec, ModelEngine], None]
@@ -38,6 +42,8 @@ class MultiModelManager:
         self._on_engine = on_engine  # e.g. to hook metrics into each new engine
         self._engines: dict[str, ModelEngine] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._warming: dict[str, asyncio.Task] = {}
+        self._failed: dict[str, str] = {}  # model name → why its last load failed
 
     @property
     def specs(self) -> list[ModelSpec]:
@@ -68,8 +74,40 @@ class MultiModelManager:
                 if self._on_engine is not None:
                     self._on_engine(spec, engine)
                 self._engines[spec.name] = engine
-            await engine.start()
+            try:
+                await engine.start()
+            except Exception as exc:
+                self._failed[spec.name] = getattr(exc, "message", None) or repr(exc)
+                raise
+            self._failed.pop(spec.name, None)
             return engine
+
+    def load_in_background(self, spec: ModelSpec) -> None:
+        """Start loading `spec` now; a request for it meanwhile waits on the same load.
+        A failure is logged in one line and shown by /readyz (see status)."""
+        async def load():
+            try:
+                await self.get(spec)
+            except Exception:
+                log.error("model %r did not load: %s", spec.name, self._failed.get(spec.name))
+
+        self._warming[spec.name] = asyncio.create_task(load(), name=f"load {spec.name}")
+
+    def status(self, spec: ModelSpec) -> str:
+        """loaded, loading, failed or not loaded (it loads on its first request)."""
+        engine = self._engines.get(spec.name)
+        if engine is not None and engine.ready:
+            return "loaded"
+        if spec.name in self._failed:
+            return "failed"
+        task = self._warming.get(spec.name)
+        lock = self._locks.get(spec.name)
+        if (task is not None and not task.done()) or (lock is not None and lock.locked()):
+            return "loading"
+        return "not loaded"
+
+    def failure(self, spec: ModelSpec) -> str | None:
+        return self._failed.get(spec.name)
 
     async def preload(self) -> None:
         for spec in self.specs:
@@ -83,6 +121,8 @@ class MultiModelManager:
         return {name: await e.health() for name, e in self._engines.items()}
 
     async def close(self) -> None:
+        for task in self._warming.values():
+            task.cancel()
         engines, self._engines = list(self._engines.values()), {}
         for engine in engines:
             await engine.close()

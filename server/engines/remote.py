@@ -132,7 +132,8 @@ class HttpLLMClient(ModelEngine):
         if stream:
             common["stream_options"] = {"include_usage": True}
         if request.messages is not None:
-            body = {**common, "messages": request.messages, "max_tokens": p.max_new_tokens}
+            body = {**common, "messages": request.messages, "max_tokens": p.max_new_tokens,
+                    **(request.extra or {})}
             if p.logprobs is not None:
                 body |= {"logprobs": True, "top_logprobs": p.logprobs}
             return "/v1/chat/completions", body
@@ -196,7 +197,7 @@ class HttpLLMClient(ModelEngine):
             return Completion(text=choice["message"].get("content") or "",
                               finish_reason=choice.get("finish_reason") or "stop",
                               prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                              logprobs=lps)
+                              logprobs=lps, tool_calls=choice["message"].get("tool_calls"))
         text = choice["text"]
         result = Completion(text=text, finish_reason=choice.get("finish_reason") or "stop",
                             prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
@@ -250,6 +251,9 @@ class HttpLLMClient(ModelEngine):
                         usage = event.get("usage") or usage
                         piece, reason = self._piece(route, event)
                         finish = reason or finish
+                        calls = self._tool_calls(event)
+                        if calls:
+                            yield StreamDelta(text="", tool_calls=calls)
                         if piece:
                             ttft = ttft if ttft is not None else time.perf_counter() - start
                             text.append(piece)
@@ -274,6 +278,11 @@ class HttpLLMClient(ModelEngine):
         if route == "/v1/chat/completions":
             return (choice.get("delta") or {}).get("content") or "", choice.get("finish_reason")
         return choice.get("text") or "", choice.get("finish_reason")
+
+    @staticmethod
+    def _tool_calls(event: dict) -> list[dict] | None:
+        choices = event.get("choices") or []
+        return (choices[0].get("delta") or {}).get("tool_calls") if choices else None
 
     async def health(self) -> tuple[bool, str]:
         try:

@@ -155,9 +155,23 @@ def search(db, *, key: str | int | None = None, model: str | None = None,
 
 
 def show(db, request_id: str) -> dict:
-    """One entry, prompt and output included (stored only with LLMCTL_LOG_PROMPTS)."""
+    """One entry, prompt and output included (stored only with LLMCTL_LOG_PROMPTS).
+    `request_id` may be a unique prefix of the id."""
     with db.session() as s:
-        row = s.scalars(select(RequestLog).where(RequestLog.request_id == request_id)).first()
+        # Clients may reuse their X-Request-ID: the newest request with it.
+        row = s.scalars(select(RequestLog).where(RequestLog.request_id == request_id)
+                        .order_by(RequestLog.id.desc())).first()
+        if row is None and request_id:
+            # A prefix scan on the request_id index; two rows are enough to tell.
+            pattern = request_id.replace("\\", "\\\\").replace("%", "\\%").replace(
+                "_", "\\_") + "%"
+            rows = list(s.scalars(select(RequestLog).where(
+                RequestLog.request_id.like(pattern, escape="\\")).limit(2)))
+            if len(rows) > 1:
+                raise InvalidRequest(f"request id prefix {request_id!r} is ambiguous: it "
+                                     f"matches {rows[0].request_id}, {rows[1].request_id}, ...",
+                                     param="request_id")
+            row = rows[0] if rows else None
         if row is None:
             raise NotFound(f"no logged request with id {request_id!r}", param="request_id")
         return _entry(row, _names(s, [row]), full=True)
@@ -225,9 +239,10 @@ def iter_entries(db, *, batch: int = 1000, **filters) -> Iterator[dict]:
 
 
 def export(db, out: IO[str], fmt: str = "jsonl", **filters) -> int:
-    """Write matching entries to `out` as JSON lines or CSV; returns how many."""
-    if fmt not in ("jsonl", "csv"):
-        raise InvalidRequest(f"format: {fmt!r} is not jsonl or csv", param="format")
+    """Write matching entries to `out` as JSON lines, one JSON array, or CSV; returns
+    how many. Entries are streamed in every format."""
+    if fmt not in ("jsonl", "json", "csv"):
+        raise InvalidRequest(f"format: {fmt!r} is not jsonl, json or csv", param="format")
     count = 0
     writer = None
     if fmt == "csv":
@@ -236,9 +251,13 @@ def export(db, out: IO[str], fmt: str = "jsonl", **filters) -> int:
     for entry in iter_entries(db, **filters):
         if writer:
             writer.writerow(entry)
+        elif fmt == "json":
+            out.write(("[\n" if count == 0 else ",\n") + json.dumps(entry))
         else:
             out.write(json.dumps(entry) + "\n")
         count += 1
+    if fmt == "json":
+        out.write("\n]\n" if count else "[]\n")
     return count
 
 

@@ -84,7 +84,7 @@ def test_clear_one_model_then_all(db):
     out = json.loads(run("cache", "clear", "--model", "a", "--json").output)
     assert out == {"deleted": 2, "model": "a"}
     result = run("cache", "clear")
-    assert result.exit_code == 0 and "Cleared 1 entries" in result.output
+    assert result.exit_code == 0 and "Cleared 1 entry (" in result.output
     assert json.loads(run("cache", "stats", "--json").output)["entries"] == 0
 
 

@@ -39,7 +39,8 @@ class LiveServer:
             raise AssertionError(f"llmctl {' '.join(args)} failed: {result.stderr}")
         return result
 
-    def start(self, timeout: float = 60) -> LiveServer:
+    def start(self, timeout: float = 60, loaded: bool = True) -> LiveServer:
+        """Start and wait until it answers (`loaded`: and has loaded its default model)."""
         self.home.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([LLMCTL, *self.args], env=self.env, stdout=self._log,
@@ -49,7 +50,10 @@ class LiveServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"llmctl serve exited: {self.log_path.read_text()[-3000:]}")
             try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                # Up, and done loading the default model (`serve` starts it at once).
+                if (httpx.get(self.url + "/healthz", timeout=1).status_code == 200 and (
+                        not loaded or "loading" not in httpx.get(
+                            self.url + "/readyz", timeout=5).json()["models"].values())):
                     return self
             except httpx.HTTPError:
                 pass

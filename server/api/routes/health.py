@@ -1,4 +1,8 @@
-"""/healthz (the process answers), /readyz (it can serve), /metrics (Prometheus)."""
+"""/healthz (the process answers), /readyz (it can serve), /metrics (Prometheus).
+
+/readyz's `models` maps each configured model to loaded, loading, failed or not
+loaded (loads on its first request); a loading model, or a failed default model,
+makes it 503."""
 
 from __future__ import annotations
 
@@ -29,20 +33,27 @@ async def readyz(state: State):
     except LlmctlError as exc:
         metrics.DATABASE_ERRORS.labels("ping").inc()
         checks["database"] = {"ok": False, "reason": exc.message}
+    models = {}
     for spec in state.manager.specs:
+        models[spec.name] = status = state.manager.status(spec)
         engine = state.manager.loaded(spec)
-        if engine is None:
-            if state.settings.preload and spec.type == "local":
-                checks[f"model:{spec.name}"] = {"ok": False, "reason": "not loaded yet"}
-            continue
-        ok, reason = await engine.health()
-        checks[f"model:{spec.name}"] = {"ok": ok, "reason": reason}
+        # A broken non-default model shows in `models` but does not take the gateway
+        # out of service; the default one (what most requests get) does.
+        if status == "loading" or (status == "failed" and spec.name == state.models.default_model):
+            checks[f"model:{spec.name}"] = {
+                "ok": False, "reason": state.manager.failure(spec) or status}
+        elif engine is not None and status != "failed":
+            ok, reason = await engine.health()
+            checks[f"model:{spec.name}"] = {"ok": ok, "reason": reason}
+        elif state.settings.preload and spec.type == "local":
+            checks[f"model:{spec.name}"] = {"ok": False, "reason": "not loaded yet"}
     if state.redis is not None:
         # Fail-open keeps serving on per-process limits: ready, with the reason shown.
         redis = state.redis.status()
         checks["redis"] = {"ok": redis["available"] or not redis["fail_closed"], **redis}
     ready = all(c.get("ok", True) for c in checks.values())
-    return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks},
+    return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks,
+                         "models": models},
                         status_code=200 if ready else 503)
 
 

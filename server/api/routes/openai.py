@@ -151,17 +151,17 @@ async def chat_completions(request: Request):
     asked = body.max_completion_tokens or body.max_tokens
     field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    extra, messages, policy = _forwarded(body, spec, request, state.settings.cache_enabled)
     call = await gateway.prepare(
         key, record, api="chat", model=body.model,
         params=_params(body, asked or spec.max_new_tokens, logprobs),
-        messages=body.plain_messages(), n=body.n, max_tokens_field=field,
-        prompt_field="messages", fit_context=asked is None,
-        policy=CachePolicy.from_headers(request.headers, state.settings.cache_enabled))
+        messages=messages, n=body.n, max_tokens_field=field,
+        prompt_field="messages", fit_context=asked is None, policy=policy, extra=extra)
     if not body.stream:
         outcome = await gateway.run(key, record, call)
         choices = [{
             "index": index,
-            "message": {"role": "assistant", "content": c.text},
+            "message": _message(c),
             "logprobs": chat_logprobs(c.logprobs or []) if body.logprobs else None,
             "finish_reason": c.finish_reason,
         } for index, c in enumerate(outcome.choices)]
@@ -176,6 +176,30 @@ async def chat_completions(request: Request):
                         _headers(headers, cache_status))
 
 
+def _forwarded(body: ChatCompletionRequest, spec, request: Request, cache_enabled: bool):
+    """(extra, messages, cache policy). A remote gets tools, tool_choice,
+    response_format and non-text content parts unchanged; a local engine cannot honour
+    them, so they are a 400 naming the field rather than silently ignored. Such
+    requests bypass the cache: a tool call's answer is the client's to reuse."""
+    policy = CachePolicy.from_headers(request.headers, cache_enabled)
+    if spec.type != "remote":
+        if (name := body.first_unsupported_by_local()) is not None:
+            raise InvalidRequest(f"{name}: not supported by local model {spec.name!r} (only "
+                                 "remote OpenAI-compatible models take it)", param=name)
+        return None, body.plain_messages(), policy
+    extra = body.passthrough() or None
+    messages = body.raw_messages()
+    if extra or messages != body.plain_messages():
+        policy = CachePolicy(lookup=False, store=False)
+    return extra, messages, policy
+
+
+def _message(c: Completion) -> dict:
+    if c.tool_calls:  # OpenAI: content is null when the model only calls tools
+        return {"role": "assistant", "content": c.text or None, "tool_calls": c.tool_calls}
+    return {"role": "assistant", "content": c.text}
+
+
 async def _chat_chunks(call: Call, events, body: ChatCompletionRequest, include_usage: bool):
     chunk = _chunker(call, "chat.completion.chunk", include_usage)
     for index in range(body.n):
@@ -187,6 +211,9 @@ async def _chat_chunks(call: Call, events, body: ChatCompletionRequest, include_
             finals[index] = item
             yield chunk([{"index": index, "delta": {}, "logprobs": None,
                           "finish_reason": item.finish_reason}])
+        elif item.tool_calls:
+            yield chunk([{"index": index, "delta": {"tool_calls": item.tool_calls},
+                          "logprobs": None, "finish_reason": None}])
         elif item.text:
             logprobs = chat_logprobs(item.logprobs) if body.logprobs and item.logprobs else None
             yield chunk([{"index": index, "delta": {"content": item.text}, "logprobs": logprobs,
