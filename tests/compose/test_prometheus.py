@@ -15,8 +15,9 @@ import yaml
 
 COMPOSE = Path(__file__).resolve().parents[2] / "compose"
 DASHBOARD = COMPOSE / "grafana" / "dashboards" / "llmctl.json"
-# What Grafana puts in for its interval macros; the load ran over the last half minute.
-MACROS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "5m"}
+# What Grafana puts in for its interval macros: windows that hold the whole load (a
+# minute or two on a busy machine), so that every panel has something to show.
+MACROS = {"$__rate_interval": "5m", "$__interval": "15s", "$__range": "5m"}
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess:
