@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 
 from evalsuite.tasks.base import Task
 from server.errors import InvalidRequest, Unavailable
+from server.extras import require
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -36,6 +37,7 @@ class DataSet:
     fewshot: list[dict] | None
     origin: str  # where the documents came from, for people
     fingerprint: str  # identifies the content, for resuming
+    fewshot_origin: str | None = None  # where the few-shot pool came from
 
 
 @dataclass
@@ -53,24 +55,27 @@ def load(task: Task, opts: DataOptions) -> DataSet:
     want_fewshot = task.needs_fewshot_pool()
     if opts.data is not None:
         docs, origin, fp = _local(opts.data, split, task, role="data")
-        fewshot = None
+        fewshot, fewshot_origin = None, None
         if want_fewshot:
-            fewshot = _local_fewshot(opts, task)
+            fewshot, fewshot_origin = _local_fewshot(opts, task)
         elif opts.fewshot_data is not None:
             fewshot = _read(opts.fewshot_data, task, "fewshot-data", check=False)
+            fewshot_origin = str(opts.fewshot_data)
         fp_fewshot = _digest(json.dumps(fewshot, sort_keys=True, default=str)) if fewshot else ""
-        return DataSet(docs, fewshot, origin, _digest(fp + fp_fewshot))
+        return DataSet(docs, fewshot, origin, _digest(fp + fp_fewshot), fewshot_origin)
     path, name = opts.dataset or src.path, opts.subset if opts.subset is not None else src.name
     docs, fp = _hub(path, name, split, task)
-    fewshot = None
+    fewshot, fewshot_origin = None, None
+    label = f"{path}" + (f" ({name})" if name else "")
     if want_fewshot:
         if opts.fewshot_data is not None:
             fewshot = _read(opts.fewshot_data, task, "fewshot-data", check=False)
+            fewshot_origin = str(opts.fewshot_data)
         else:
             fewshot, fp2 = _hub(path, name, src.fewshot_split, task)
             fp += fp2
-    origin = f"{path}" + (f" ({name})" if name else "") + f" [{split}]"
-    return DataSet(docs, fewshot, origin, _digest(fp))
+            fewshot_origin = f"{label} [{src.fewshot_split}]"
+    return DataSet(docs, fewshot, f"{label} [{split}]", _digest(fp), fewshot_origin)
 
 
 # --- local files -----------------------------------------------------------------
@@ -101,7 +106,8 @@ def _local(path: Path, split: str, task: Task, role: str) -> tuple[list[dict], s
     return docs, str(file), _file_digest(file)
 
 
-def _local_fewshot(opts: DataOptions, task: Task) -> list[dict]:
+def _local_fewshot(opts: DataOptions, task: Task) -> tuple[list[dict], str]:
+    """The few-shot pool and the file it came from."""
     fs_split = task.source.fewshot_split
     if opts.fewshot_data is not None:
         target = Path(opts.fewshot_data)
@@ -111,11 +117,11 @@ def _local_fewshot(opts: DataOptions, task: Task) -> list[dict]:
                 raise InvalidRequest(f"--fewshot-data {target}: no {fs_split}.* file",
                                      param="fewshot_data")
             target = file
-        return _read(target, task, "fewshot-data", check=False)
+        return _read(target, task, "fewshot-data", check=False), str(target)
     if Path(opts.data).is_dir():
         file = _split_file(Path(opts.data), fs_split)
         if file is not None:
-            return _read(file, task, "data", check=False)
+            return _read(file, task, "data", check=False), str(file)
     raise InvalidRequest(
         f"{task.name} {task.num_fewshot}-shot takes its examples from the {fs_split!r} split: "
         f"pass --fewshot-data FILE, a --data directory with a {fs_split}.* file, "
@@ -124,8 +130,7 @@ def _local_fewshot(opts: DataOptions, task: Task) -> list[dict]:
 
 def _datasets():
     """`datasets`, without its progress bars and info logs (the CLI has its own)."""
-    import datasets
-
+    datasets = require("datasets", "eval", "loading evaluation data")
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     return datasets

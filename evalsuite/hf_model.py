@@ -9,7 +9,9 @@ What is kept identical, because it decides the results:
 - loglikelihood: inputs `(ctx + cont)[-(max_length+1):][:-1]`, right-padded with
   zeros and no attention mask (causal attention makes the padding inert), the sum
   of log-softmax scores of the continuation tokens, and whether each was argmax;
-- generation: contexts sorted by (-token length, text) and cut into batches of
+- generation (`generation="batch"`; the default `"engine"` runs the same greedy
+  decoding from the same prompt ids through continuous batching, engine_gen.py):
+  contexts sorted by (-token length, text) and cut into batches of
   `batch_size`, left-padded and left-truncated to max_length - max_gen_toks,
   `model.generate(do_sample=False)` until every sequence in the batch has shown a
   stop string in its last len(stop)+2 tokens (the model's EOS string is a stop too),
@@ -59,7 +61,8 @@ class HFModel(EvalModel):
     def __init__(self, source: str, *, name: str | None = None, revision: str | None = None,
                  device: str | None = "auto", dtype: str = "auto",
                  max_length: int | None = None, batch_size: int = 8,
-                 threads: int | None = None, share_prefix: bool = True):
+                 threads: int | None = None, share_prefix: bool = True,
+                 generation: str = "engine"):
         import torch
         import transformers
 
@@ -96,6 +99,10 @@ class HFModel(EvalModel):
         self._share_prefix = bool(share_prefix and self._cache_arg) and \
             not getattr(self.model.config, "is_encoder_decoder", False)
         self._prefix_checked = False
+        # "engine": continuous batching (evalsuite/engine_gen.py); "batch": lm-eval's
+        # static batches, for comparing batch by batch with lm-eval itself
+        self.generation = generation
+        self._engine = None
 
     # --- tokenisation (lm-eval TemplateLM / HFLM) ------------------------------------
 
@@ -277,6 +284,9 @@ class HFModel(EvalModel):
     # --- generation -------------------------------------------------------------------
 
     def generate(self, requests: list[Request]) -> Iterator[list[tuple[int, str]]]:
+        if self.generation == "engine":
+            yield from self._generate_engine(requests)
+            return
         by_kwargs: dict[tuple, list[int]] = defaultdict(list)
         for i, req in enumerate(requests):
             by_kwargs[(req.until, req.max_gen_toks)].append(i)
@@ -288,6 +298,45 @@ class HFModel(EvalModel):
                 texts = self._generate_batch([requests[i].context for i in chunk],
                                              list(until), max_gen_toks)
                 yield list(zip(chunk, texts, strict=True))
+
+    def _generate_engine(self, requests: list[Request]) -> Iterator[list[tuple[int, str]]]:
+        """Every request in flight at once through the continuous-batching scheduler,
+        longest prompts first (as lm-eval orders them), each cut like lm-eval's."""
+        if self._engine is None:
+            from transformers import AutoTokenizer
+
+            from evalsuite.engine_gen import EngineGenerator
+
+            self._engine = EngineGenerator(
+                self.model, self.tokenizer, AutoTokenizer.from_pretrained(self.source),
+                device=self.device, max_batch_size=self.batch_size, name=self.name)
+        jobs, stops = [], {}
+        for i, req in enumerate(requests):
+            stops[i] = self.stop_strings(list(req.until))
+            ids = self._prompt_ids(req.context, req.max_gen_toks)
+            jobs.append((i, ids, req.max_gen_toks, tuple(s for s in stops[i] if s)))
+        jobs.sort(key=lambda j: (-len(j[1]), requests[j[0]].context))
+        for finished in self._engine.run(jobs):
+            yield [(i, self._cut(self.tokenizer.decode(ids, skip_special_tokens=True),
+                                 stops[i])) for i, ids in finished]
+
+    def _prompt_ids(self, context: str, max_gen_toks: int) -> list[int]:
+        """lm-eval's generation input: the context's tokens (special tokens added unless
+        it starts with BOS), left-truncated to leave max_gen_toks in the context."""
+        max_ctx = self.max_length - max_gen_toks
+        if max_ctx <= 0:
+            raise ConfigError(f"model {self.name}: {max_gen_toks} new tokens do not fit its "
+                              f"{self.max_length}-token context")
+        bos = self.tokenizer.bos_token
+        extra = {"add_special_tokens": False} if bos and context.startswith(bos) else {}
+        return self.tokenizer(context, **extra)["input_ids"][-max_ctx:]
+
+    @staticmethod
+    def _cut(text: str, stops: list[str]) -> str:
+        for stop in stops:
+            if stop:
+                text = text.split(stop)[0]
+        return text
 
     def stop_strings(self, until: list[str]) -> list[str]:
         eos = self.tokenizer.decode(self.tokenizer.eos_token_id, skip_special_tokens=False)
@@ -321,14 +370,8 @@ class HFModel(EvalModel):
                                       max_length=width + max_gen_toks,
                                       stopping_criteria=criteria, pad_token_id=tok.pad_token_id,
                                       use_cache=True, do_sample=False)
-        texts = []
-        for row in out.tolist():
-            text = tok.decode(row[width:], skip_special_tokens=True)
-            for stop in stops:
-                if stop:
-                    text = text.split(stop)[0]
-            texts.append(text)
-        return texts
+        return [self._cut(tok.decode(row[width:], skip_special_tokens=True), stops)
+                for row in out.tolist()]
 
     def describe(self) -> dict:
         return {"name": self.name, "type": "local", "source": self.source,
@@ -341,6 +384,9 @@ class HFModel(EvalModel):
                 "max_length": self.max_length}
 
     def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
         self.model = None
 
 

@@ -12,7 +12,6 @@ gateway with `--through`).
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +26,18 @@ LLResult = tuple[float, bool]  # (sum of continuation logprobs, continuation is 
 
 class LoglikelihoodUnsupported(InvalidRequest):
     code = "loglikelihood_unsupported"
+
+
+class ItemError(str):
+    """The answer to a request the server refused on its own (a 400 for this prompt):
+    scored as an empty answer, its message stored with the sample, and the run goes on."""
+
+    message: str
+
+    def __new__(cls, message: str) -> ItemError:
+        obj = super().__new__(cls, "")
+        obj.message = message
+        return obj
 
 
 class EvalModel(ABC):
@@ -64,17 +75,26 @@ class ModelChoice:
     spec: ModelSpec | None = None
     url: str | None = None
     api_key: str | None = None
+    tokenizer: str | None = None  # remote/through: to truncate prompts as lm-eval does
+
+    @property
+    def label(self) -> str:
+        """The opened model's name (what stored runs record as their model)."""
+        if self.kind == "through":
+            return f"{self.name or 'default'} via {self.url}"
+        return self.spec.name
 
 
 def resolve_model(settings: Settings, *, name: str | None = None, config: Path | None = None,
-                  through: str | None = None, api_key: str | None = None) -> ModelChoice:
+                  through: str | None = None, api_key: str | None = None,
+                  tokenizer: str | None = None) -> ModelChoice:
     """NAME from models.yaml, or NAME through a gateway URL; raises for bad input."""
     if through:
-        key = api_key or os.environ.get("LLMCTL_API_KEY")
+        key = api_key or settings.api_key
         if not key:
             raise InvalidRequest("--through needs --api-key KEY (or LLMCTL_API_KEY)",
                                  param="api_key")
-        return ModelChoice("through", name, url=through, api_key=key)
+        return ModelChoice("through", name, url=through, api_key=key, tokenizer=tokenizer)
     models = load_models_config(settings, config)
     spec = models.find(name)
     if spec is None:
@@ -84,11 +104,12 @@ def resolve_model(settings: Settings, *, name: str | None = None, config: Path |
         raise ModelNotFound(f"model {name!r} is not configured (configured: "
                             f"{', '.join(models.names)})", param="model")
     if spec.type == "remote":
-        key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
+        key = spec.api_key
         if spec.api_key_env and not key:
             raise ConfigError(f"model {spec.name}: environment variable {spec.api_key_env} "
                               "(its api_key_env) is not set")
-        return ModelChoice("remote", spec.name, spec=spec, api_key=key)
+        return ModelChoice("remote", spec.name, spec=spec, api_key=key,
+                           tokenizer=tokenizer or spec.tokenizer)
     return ModelChoice("local", spec.name, spec=spec)
 
 
@@ -99,14 +120,15 @@ def open_model(settings: Settings, choice: ModelChoice, *,
         from evalsuite.remote_model import OpenAIModel
 
         return OpenAIModel(choice.url, choice.name, api_key=choice.api_key,
-                           concurrency=batch_size or 8,
-                           label=f"{choice.name or 'default'} via {choice.url}")
+                           concurrency=batch_size or 8, tokenizer=choice.tokenizer,
+                           label=choice.label)
     spec = choice.spec
     if choice.kind == "remote":
         from evalsuite.remote_model import OpenAIModel
 
         return OpenAIModel(spec.base_url, spec.id, api_key=choice.api_key, timeout=spec.timeout,
-                           concurrency=batch_size or spec.max_batch_size, label=spec.name)
+                           concurrency=batch_size or spec.max_batch_size, label=spec.name,
+                           tokenizer=choice.tokenizer, max_context=spec.max_context)
     from evalsuite.hf_model import HFModel
 
     return HFModel(spec.source, name=spec.name, revision=spec.revision,

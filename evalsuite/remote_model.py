@@ -12,6 +12,13 @@ Requests go out concurrently (`concurrency` in flight) and come back as they fin
   continuation's tokens are those past the context's own token count (the split
   lm-eval's hf model makes), summed from the echoed prompt logprobs (vLLM-style,
   first null). A server that returns no prompt logprobs gets a clear error.
+
+A generation prompt longer than the model's context minus `max_gen_toks` is
+left-truncated as lm-eval's `hf` model does (its token ids, BOS included, cut from the
+left, sent as a token-id prompt); this needs the model's tokenizer (`--tokenizer` or
+`tokenizer:` in models.yaml) and its context (`max_context:` in models.yaml, else
+`max_model_len` from `/v1/models`). A prompt the server still refuses (a 400) is
+recorded as that item's error and the run goes on.
 """
 
 from __future__ import annotations
@@ -24,10 +31,11 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import httpx
 
-from evalsuite.models import EvalModel, LLResult, LoglikelihoodUnsupported
+from evalsuite.models import EvalModel, ItemError, LLResult, LoglikelihoodUnsupported
 from evalsuite.tasks.base import Request
 from server.errors import (
     AuthenticationError,
+    ConfigError,
     InvalidRequest,
     ModelNotFound,
     PermissionDenied,
@@ -48,7 +56,8 @@ def _base(url: str) -> str:
 class OpenAIModel(EvalModel):
     def __init__(self, base_url: str, model: str | None, *, api_key: str | None = None,
                  timeout: float = 120.0, concurrency: int = 8, label: str | None = None,
-                 transport: httpx.BaseTransport | None = None):
+                 transport: httpx.BaseTransport | None = None, tokenizer: str | None = None,
+                 max_context: int | None = None):
         self.base_url = _base(base_url)
         self.model = model
         self.name = label or model or "default"
@@ -62,6 +71,10 @@ class OpenAIModel(EvalModel):
         self._answered = False  # the server has answered at least once
         self._ll_error: Exception | None = None
         self._lock = threading.Lock()
+        self._tokenizer_source = tokenizer
+        self._tokenizer = None
+        self._max_context = max_context
+        self._context_known = max_context is not None
 
     # --- HTTP ----------------------------------------------------------------------
 
@@ -172,9 +185,59 @@ class OpenAIModel(EvalModel):
 
     def generate(self, requests: list[Request]) -> Iterator[list[tuple[int, str]]]:
         def job(i: int, req: Request):
-            return [(i, self._generate_one(req))]
+            return [(i, self._generate_or_error(req))]
 
         yield from self._concurrently(job, list(enumerate(requests)))
+
+    def _generate_or_error(self, req: Request) -> str:
+        """One item's generation; a prompt the server refuses is that item's error."""
+        try:
+            return self._generate_one(req)
+        except InvalidRequest as exc:
+            if getattr(exc, "status", None) not in (400, 413, 422):
+                raise
+            return ItemError(str(exc))
+
+    def _fit(self, req: Request) -> str | list[int]:
+        """The prompt to send: the text, or, when it does not leave room for
+        `max_gen_toks` in the model's context, its token ids left-truncated as lm-eval's
+        hf model does (`tokenizer(context)` with special tokens, then `[-max_ctx:]`)."""
+        tok = self._load_tokenizer()
+        limit = self._context_limit() if tok is not None else None
+        if not limit:
+            return req.context
+        ids = tok(req.context)["input_ids"]
+        room = limit - req.max_gen_toks
+        return ids[-room:] if 0 < room < len(ids) else req.context
+
+    def _context_limit(self) -> int | None:
+        """models.yaml's max_context, else the server's `max_model_len` (asked once)."""
+        with self._lock:
+            if not self._context_known:
+                self._context_known = True
+                try:
+                    path = f"/models/{self.model}" if self.model else "/models"
+                    resp = self.client.get(path)
+                    data = resp.json() if resp.status_code == 200 else {}
+                    entry = (data.get("data") or [{}])[0] if "data" in data else data
+                    value = entry.get("max_model_len")
+                    self._max_context = int(value) if value else None
+                except (httpx.HTTPError, ValueError, AttributeError):
+                    self._max_context = None
+            return self._max_context
+
+    def _load_tokenizer(self):
+        if self._tokenizer is None and self._tokenizer_source:
+            with self._lock:
+                if self._tokenizer is None:
+                    from transformers import AutoTokenizer
+
+                    try:
+                        self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_source)
+                    except (OSError, ValueError) as exc:
+                        raise ConfigError(f"cannot load tokenizer {self._tokenizer_source!r}: "
+                                          f"{str(exc).strip().splitlines()[0][:160]}") from None
+        return self._tokenizer
 
     def _generate_one(self, req: Request) -> str:
         stops = [s for s in req.until if s][:MAX_STOPS]
@@ -183,7 +246,7 @@ class OpenAIModel(EvalModel):
         text = None
         if not self._chat_only:
             try:
-                data = self._post("/completions", {"prompt": req.context, **body})
+                data = self._post("/completions", {"prompt": self._fit(req), **body})
                 text = data["choices"][0].get("text") or ""
             except InvalidRequest as exc:
                 if getattr(exc, "status", None) not in (404, 405, 501):

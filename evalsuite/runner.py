@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from evalsuite import data as data_mod
 from evalsuite import store
-from evalsuite.models import EvalModel
+from evalsuite.models import EvalModel, ItemError
 from evalsuite.tasks import Task, TaskOptions, get_task
 from evalsuite.tasks.base import Item, Sample
 from evalsuite.tasks.mmlu import MMLU
@@ -43,6 +43,7 @@ class RunResult:
     resumed: int = 0  # items taken from the interrupted run
     notes: list[str] = field(default_factory=list)
     status: str = "finished"
+    fingerprint: str = ""  # what identifies "the same eval" (resuming, baselines)
 
     def to_dict(self, with_samples: bool = False) -> dict:
         out = {"run_id": self.run_id, "task": self.task, "status": self.status,
@@ -88,18 +89,30 @@ def fingerprint(task: Task, model_identity: dict, dataset: data_mod.DataSet) -> 
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def run_config(task: Task, dataset: data_mod.DataSet, model: EvalModel,
+               notes: list[str] | None) -> dict:
+    """What a stored run records: the values in effect (num_fewshot, max_gen_toks),
+    not the options as given (None for "the task's default"), and both data files."""
+    given = {k: v for k, v in task.options.fingerprint_fields().items()
+             if k not in ("num_fewshot", "max_gen_toks")}
+    return {**given, **task.config(), "data": dataset.origin,
+            "fewshot_data": dataset.fewshot_origin, "model": model.describe(),
+            "notes": notes or []}
+
+
 def run_eval(prepared: Prepared, model: EvalModel, db, *, model_identity: dict,
              resume: bool = True, notes: list[str] | None = None,
              progress: Progress | None = None,
-             on_start: Callable[[str, int, int], None] | None = None) -> RunResult:
+             on_start: Callable[[str, int, int], None] | None = None,
+             suite_run_id: str | None = None) -> RunResult:
     task, dataset = prepared.task, prepared.dataset
     task.prepare()
     items = task.build_items(prepared.docs, dataset.fewshot)
-    config = {**task.config(), **task.options.fingerprint_fields(), "data": dataset.origin,
-              "model": model.describe(), "notes": notes or []}
-    run, done = store.open_run(db, task=task.name, model=model.name,
-                               fingerprint=fingerprint(task, model_identity, dataset),
-                               config=config, n_items=len(items), resume=resume)
+    config = run_config(task, dataset, model, notes)
+    fp = fingerprint(task, model_identity, dataset)
+    run, done = store.open_run(db, task=task.name, model=model.name, fingerprint=fp,
+                               config=config, n_items=len(items), resume=resume,
+                               suite_run_id=suite_run_id)
     if on_start:
         on_start(run.id, len(items), len(done))
     try:
@@ -109,10 +122,14 @@ def run_eval(prepared: Prepared, model: EvalModel, db, *, model_identity: dict,
         store.set_status(db, run.id, "interrupted")
         raise
     samples = sorted([*done.values(), *new], key=lambda s: s.index)
+    failed = sum(1 for s in samples if s.extra.get("error"))
+    if failed:
+        config["notes"] = [*config["notes"], f"{failed} item(s) refused by the server: "
+                           "scored as empty answers, the message is in each sample's extra"]
     metrics = task.aggregate(samples)
     store.finish_run(db, run.id, metrics, config)
     return RunResult(run.id, task.name, model.describe(), config, metrics, len(items),
-                     samples, resumed=len(done), notes=notes or [])
+                     samples, resumed=len(done), notes=config["notes"], fingerprint=fp)
 
 
 def _evaluate(task: Task, model: EvalModel, items: list[Item],
@@ -136,8 +153,17 @@ def _evaluate(task: Task, model: EvalModel, items: list[Item],
                 complete.append(n)
         if complete:
             scored = task.score([items[n] for n in complete], [answers[n] for n in complete])
+            _note_errors(scored, [answers[n] for n in complete])
             save(scored)
             samples += scored
             if progress:
                 progress(len(scored))
     return samples
+
+
+def _note_errors(samples: list[Sample], answers: list[list]) -> None:
+    """Keep the server's message with an item whose request was refused (scored empty)."""
+    for sample, results in zip(samples, answers, strict=True):
+        errors = [r.message for r in results if isinstance(r, ItemError)]
+        if errors:
+            sample.extra["error"] = errors[0]

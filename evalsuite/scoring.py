@@ -14,6 +14,8 @@ import string
 from collections.abc import Sequence
 from functools import lru_cache
 
+from server.extras import require
+
 FALLBACK = "[invalid]"
 
 
@@ -51,8 +53,7 @@ def normalize_whitespace(text: str) -> str:
 
 @lru_cache(maxsize=1)
 def _rouge_scorer():
-    from rouge_score import rouge_scorer
-
+    rouge_scorer = require("rouge_score.rouge_scorer", "eval", "ROUGE scoring")
     return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
 
 

@@ -9,7 +9,7 @@ from enum import StrEnum
 import typer
 
 from server.errors import InvalidRequest
-from server.services.keys import parse_duration
+from server.validation import parse_duration
 
 
 class Role(StrEnum):
@@ -26,6 +26,6 @@ class ExportFormat(StrEnum):
 def duration(text: str) -> timedelta:
     """`--older-than 90d`: a parser for typer.Option(parser=...)."""
     try:
-        return parse_duration(text)
-    except InvalidRequest:
-        raise typer.BadParameter(f"{text!r} is not a duration like 30d, 12h, 15m or 2w") from None
+        return parse_duration(text, param="older-than")
+    except InvalidRequest as exc:  # typer names the option itself
+        raise typer.BadParameter(str(exc).removeprefix("older-than: ")) from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import yaml
 from dotenv import dotenv_values
@@ -57,6 +58,8 @@ class Settings(BaseSettings):
     # Per-key token counters in /metrics (labelled by key id): off by default, since
     # their series grow with the number of keys.
     metrics_per_key: bool = False
+    # Largest request body accepted, in bytes; larger ones get 413 before they are read.
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     # --- redis
     # Unset: Redis is on exactly when a URL is given. REDIS_ENABLED/REDIS_URL are the
     # original design's names.
@@ -81,6 +84,16 @@ class Settings(BaseSettings):
     cache_ttl: int = 7 * 24 * 3600
     cache_scope: Literal["global", "key"] = "global"
     cache_hits_charge_quota: bool = False
+    # --- evals
+    # bwrap: bubblewrap namespaces + rlimits; rlimits-only must be asked for by name,
+    # it contains nothing but CPU, memory and file size (see evalsuite/sandbox.py).
+    sandbox_mode: Literal["bwrap", "rlimits-only"] = "bwrap"
+    sandbox_python: Path | None = None
+    # The gateway key for `llmctl eval --through` when --api-key is not given.
+    api_key: str | None = None
+    # --- replicas: the gateway-wide retry budget (server/engines/retrybudget.py)
+    retry_budget_ratio: float = Field(default=0.2, ge=0)
+    retry_budget_min: int = Field(default=10, ge=0)
 
     @property
     def redis_active_url(self) -> str | None:
@@ -97,6 +110,39 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{self.home / 'llmctl.db'}"
+
+
+class BackendSpec(BaseModel):
+    """One replica of a model (`backends:` in models.yaml). Unset fields are the
+    model's own: a backend differs from its model only where it says so."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None  # unique within the model; default: host:port, or "local"
+    type: Literal["local", "remote"] | None = None  # default: remote when base_url is set
+    weight: float = Field(default=1.0, gt=0)
+    base_url: str | None = None
+    api: Literal["llmctl", "openai"] | None = None
+    api_key_env: str | None = None
+    path: str | None = None
+    device: Device | None = None
+    dtype: DType | None = None
+    timeout: float | None = Field(default=None, gt=0)
+    connect_timeout: float | None = Field(default=None, gt=0)
+    first_byte_timeout: float | None = Field(default=None, gt=0)
+    total_timeout: float | None = Field(default=None, gt=0)
+
+
+class RoutingSpec(BaseModel):
+    """How a model with several backends (or fallbacks) spreads and retries requests."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attempts: int = Field(default=3, ge=1)  # backend attempts per request, the first included
+    eject_after: int = Field(default=3, ge=1)  # consecutive failures that eject a backend
+    cooldown: float = Field(default=5.0, gt=0)  # first ejection; doubles while it keeps failing
+    max_cooldown: float = Field(default=120.0, gt=0)
+    probe_interval: float = Field(default=2.0, gt=0)  # active probes of ejected remote backends
 
 
 class ModelSpec(BaseModel):
@@ -119,16 +165,62 @@ class ModelSpec(BaseModel):
     # remote only
     api: Literal["llmctl", "openai"] = "openai"
     api_key_env: str | None = None
-    timeout: float = Field(default=60.0, gt=0)
+    # The tokenizer the remote uses (a local directory or hub id): prompts are counted
+    # with it for admission (without it a prompt is bounded by its UTF-8 byte count),
+    # and evals left-truncate long prompts with it, as lm-eval does.
+    tokenizer: str | None = None
+    timeout: float = Field(default=60.0, gt=0)  # the longest silence between bytes
     connect_timeout: float = Field(default=5.0, gt=0)
+    first_byte_timeout: float | None = Field(default=None, gt=0)  # until the response starts
+    total_timeout: float | None = Field(default=None, gt=0)  # the whole request
+    # replicas and fallbacks (README, "Scaling out")
+    backends: list[BackendSpec] = Field(default_factory=list)
+    fallbacks: list[str] = Field(default_factory=list)
+    routing: RoutingSpec = Field(default_factory=RoutingSpec)
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
-        if self.type == "remote" and not self.base_url:
+        if self.type == "remote" and not self.base_url and not self.backends:
             raise ValueError("a remote model needs base_url")
         if self.name is None:
             self.name = self.id
+        self.replicas()  # every backend must resolve to a valid spec
         return self
+
+    @property
+    def api_key(self) -> str | None:
+        """The remote's key, from the environment variable named by `api_key_env` (a
+        name each models.yaml entry chooses, so it cannot be a Settings field)."""
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+    @property
+    def routed(self) -> bool:
+        """Served through the router: several backends, or fallbacks to other models."""
+        return len(self.backends) > 1 or bool(self.fallbacks)
+
+    def replicas(self) -> list[tuple[str, float, ModelSpec]]:
+        """(backend name, weight, the backend's own spec) for each backend; a model
+        without `backends` is its own single backend."""
+        if not self.backends:
+            return [(_backend_name(self), 1.0, self._bare())]
+        out, seen = [], set()
+        for i, b in enumerate(self.backends):
+            overrides = b.model_dump(exclude={"name", "weight"}, exclude_none=True)
+            if "type" not in overrides:
+                overrides["type"] = "remote" if b.base_url else self.type
+            if overrides["type"] == "remote" and not (b.base_url or self.base_url):
+                raise ValueError(f"backends[{i}]: a remote backend needs base_url")
+            spec = self._bare().model_copy(update=overrides)
+            name = b.name or _backend_name(spec)
+            if name in seen:
+                raise ValueError(f"backends[{i}]: backend name {name!r} is used twice; "
+                                 "give each backend a distinct name")
+            seen.add(name)
+            out.append((name, b.weight, spec))
+        return out
+
+    def _bare(self) -> ModelSpec:
+        return self.model_copy(update={"backends": [], "fallbacks": []})
 
     @property
     def source(self) -> str:
@@ -154,7 +246,30 @@ class ModelsConfig(BaseModel):
             self.default_model = self.models[0].name
         if self.default_model is not None and self.default_model not in seen:
             raise ValueError(f"default_model {self.default_model!r} is not among the models")
+        self._check_fallbacks()
         return self
+
+    def _check_fallbacks(self) -> None:
+        """Fallbacks name other configured models, and never lead back to themselves."""
+        for spec in self.models:
+            for other in spec.fallbacks:
+                target = self.find(other)
+                if target is None or target is spec:
+                    raise ValueError(f"model {spec.name!r}: fallback {other!r} is not "
+                                     "another configured model")
+        for spec in self.models:
+            todo, visited = list(spec.fallbacks), set()
+            while todo:
+                target = self.find(todo.pop())
+                if target is spec:
+                    raise ValueError(f"model {spec.name!r}: its fallbacks lead back to it")
+                if target.name not in visited:
+                    visited.add(target.name)
+                    todo.extend(target.fallbacks)
+
+    @property
+    def fallback_targets(self) -> set[str]:
+        return {self.find(f).name for m in self.models for f in m.fallbacks}
 
     def find(self, ident: str | None) -> ModelSpec | None:
         """Look a model up by short name or full id; None selects the default."""
@@ -167,6 +282,14 @@ class ModelsConfig(BaseModel):
     @property
     def names(self) -> list[str]:
         return [m.name for m in self.models]
+
+
+def _backend_name(spec: ModelSpec) -> str:
+    if spec.type == "remote" and spec.base_url:
+        url = urlsplit(spec.base_url)
+        # Without credentials: the name is a metrics label and shown by /v1/backends.
+        return url.netloc.rpartition("@")[2] or spec.base_url
+    return "local"
 
 
 def _env_name(field: str) -> str:

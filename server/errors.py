@@ -39,6 +39,11 @@ class InvalidRequest(LlmctlError):
     exit_code = 2
 
 
+class PayloadTooLarge(InvalidRequest):
+    status_code = 413
+    code = "request_too_large"
+
+
 class AuthenticationError(LlmctlError):
     status_code = 401
     error_type = "authentication_error"
@@ -94,10 +99,22 @@ class UpstreamError(LlmctlError):
     code = "upstream_error"
 
 
+class ClientDisconnected(LlmctlError):
+    """The client left before its answer was ready (nginx's 499: nobody reads it)."""
+
+    status_code = 499
+    error_type = "client_disconnected"
+    code = "client_disconnected"
+
+
 class Unavailable(LlmctlError):
     status_code = 503
     error_type = "service_unavailable"
     code = "service_unavailable"
+
+
+class ShuttingDown(Unavailable):
+    code = "shutting_down"
 
 
 class DatabaseError(Unavailable):

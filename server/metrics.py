@@ -19,6 +19,7 @@ from importlib import metadata
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
+from sqlalchemy.exc import SQLAlchemyError
 
 from server.errors import (
     AuthenticationError,
@@ -78,6 +79,10 @@ TPOT = Histogram("llmctl_time_per_output_token_seconds",
 QUEUE_TIME = Histogram("llmctl_request_queue_time_seconds",
                        "Time a request waited for a batch slot (local models).",
                        ["model_name"], buckets=TTFT_BUCKETS)
+USAGE_OVERREPORTED = Counter(
+    "llmctl_usage_overreported_tokens_total",
+    "Tokens a backend reported beyond a request's bound (prompt bound plus max tokens); "
+    "capped, never charged.", ["model_name"])
 KEY_TOKENS = Counter(
     "llmctl_key_tokens_total",
     "Tokens served per API key id, cache hits included (LLMCTL_METRICS_PER_KEY only).",
@@ -97,24 +102,37 @@ CACHE_REQUESTS = Counter("llmctl_cache_requests_total",
                          "Completion cache lookups by model, layer and result.",
                          ["model_name", "layer", "result"])
 
-# ----------------------------------------------------------------- remote backends
+# ----------------------------------------------------------------- backends
 
+# One count per backend attempt: a remote backend's client records its own requests,
+# errors and duration (server/engines/remote.py); the router records them for its
+# other (local) replicas, and in-flight and health for all (server/engines/router.py).
+# A request retried elsewhere counts once at each backend it reached.
 BACKEND_REQUESTS = Counter("llmctl_backend_requests_total",
-                           "Requests sent to a remote model server.", ["model_name", "backend"])
+                           "Requests sent to a backend (a remote model server or a local "
+                           "replica), one per attempt.", ["model_name", "backend"])
 BACKEND_ERRORS = Counter(
     "llmctl_backend_errors_total",
-    "Failed requests to a remote model server, by reason (unreachable, timeout, "
-    "rate_limited, client_error, server_error, malformed, transport).",
+    "Failed backend attempts, by reason: a remote server's unreachable, timeout, "
+    "rate_limited, client_error, server_error, malformed, transport; a local replica's "
+    "overloaded, stream, client, other.",
     ["model_name", "backend", "reason"])
 BACKEND_LATENCY = Histogram("llmctl_backend_request_duration_seconds",
-                            "Duration of requests to a remote model server (a stream: to its "
-                            "end).", ["model_name", "backend"], buckets=E2E_BUCKETS)
+                            "Duration of backend attempts (a stream: to its end).",
+                            ["model_name", "backend"], buckets=E2E_BUCKETS)
+BACKEND_IN_FLIGHT = Gauge("llmctl_backend_in_flight",
+                          "Requests outstanding at a backend of a model with replicas.",
+                          ["model_name", "backend"])
+BACKEND_HEALTHY = Gauge("llmctl_backend_healthy", "1 while a backend of a model with "
+                        "replicas is in rotation, 0 while it is ejected.",
+                        ["model_name", "backend"])
 
 # ----------------------------------------------------------------- storage
 
 DATABASE_ERRORS = Counter(
     "llmctl_database_errors_total",
-    "Database operations that failed (request, log_write, cache_read, cache_write, ping).",
+    "Database operations that failed (request, log_write, cache_read, cache_write, ping, "
+    "eval_scores).",
     ["operation"])
 REDIS_ERRORS = Counter("llmctl_redis_errors_total",
                        "Redis calls that failed to reach Redis (limits, cache, probe).",
@@ -301,3 +319,42 @@ def watch(manager, logstore) -> None:
     _collector = EngineCollector(manager)
     REGISTRY.register(_collector)
     LOG_BACKLOG.set_function(lambda: logstore.pending)
+
+
+class EvalScoreCollector(Collector):
+    """The latest stored eval score per (task, model, metric) and its run's finish time,
+    read from the database at scrape time by `read` (server/services/evalscores.py)."""
+
+    def __init__(self, read):
+        self.read = read
+
+    def collect(self):
+        score = GaugeMetricFamily("llmctl_eval_score", "Latest stored eval score (llmctl "
+                                  "eval) per task, model and metric.",
+                                  labels=["task", "model_name", "metric"])
+        when = GaugeMetricFamily("llmctl_eval_run_timestamp_seconds", "When the run behind "
+                                 "llmctl_eval_score finished (Unix time).",
+                                 labels=["task", "model_name"])
+        try:
+            rows = self.read()
+        except (SQLAlchemyError, LlmctlError):  # a scrape never fails on the database
+            DATABASE_ERRORS.labels("eval_scores").inc()
+            rows = []
+        for row in rows:
+            for metric, value in row["metrics"].items():
+                score.add_metric([row["task"], row["model"], metric], value)
+            when.add_metric([row["task"], row["model"]], row["timestamp"])
+        yield score
+        yield when
+
+
+_eval_collector: EvalScoreCollector | None = None
+
+
+def watch_evals(read) -> None:
+    """Export the eval scores `read()` returns at each scrape (the latest app wins)."""
+    global _eval_collector
+    if _eval_collector is not None:
+        REGISTRY.unregister(_eval_collector)
+    _eval_collector = EvalScoreCollector(read)
+    REGISTRY.register(_eval_collector)

@@ -13,4 +13,6 @@ pytest_plugins = [
     "tests.plugins.models",
     "tests.plugins.live",
     "tests.plugins.operated",
+    "tests.plugins.fakeremote",
+    "tests.plugins.fakebackend",
 ]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from evalsuite import scoring
+from evalsuite.sandbox import SandboxConfig
 from server.errors import InvalidRequest
 
 
@@ -85,6 +86,7 @@ class TaskOptions:
     seed: int = 1234  # lm-eval's default few-shot seed
     max_gen_toks: int | None = None
     allow_code_execution: bool = False
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)  # how mbpp runs code
     extra: dict[str, Any] = field(default_factory=dict)  # task-specific (--subjects, ...)
 
     def fingerprint_fields(self) -> dict:

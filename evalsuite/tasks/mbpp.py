@@ -87,6 +87,7 @@ class MBPP(Task):
             raise InvalidRequest("mbpp runs model-written code: pass --allow-code-execution "
                                  "to allow it (each program runs in a sandbox)",
                                  param="allow_code_execution")
+        sandbox.check(self.options.sandbox)  # refuse before generating, not after
         if self.num_fewshot > len(FEWSHOT):
             raise InvalidRequest(f"mbpp has {len(FEWSHOT)} fixed few-shot exemplars; "
                                  f"--num-fewshot {self.num_fewshot} is too many")
@@ -110,7 +111,8 @@ class MBPP(Task):
         programs = [f"{output}\n{item.target}" for item, (output,) in zip(items, answers,
                                                                            strict=True)]
         with ThreadPoolExecutor(self.workers) as pool:
-            results = list(pool.map(sandbox.run_program, programs))
+            results = list(pool.map(
+                lambda p: sandbox.run_program(p, config=self.options.sandbox), programs))
         return [Sample(item.index, item.doc_id, item.prompt, output, output, item.target,
                        {"pass@1": float(result.passed)},
                        {"status": result.status, **({"detail": result.detail}

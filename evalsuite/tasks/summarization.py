@@ -2,7 +2,8 @@
 
 Compatible with lm-evaluation-harness 0.4.x `cnn_dailymail_abisee`: zero-shot prompt
 `Summarize the following article:\\n\\n{article}\\n\\nSummary:`, greedy decoding for
-at most 128 new tokens (until EOS), ROUGE-1/2/L F-measure (`rouge_score`, Porter
+at most 128 new tokens, until a blank line (lm-eval's default `until` when a task
+sets none is its few-shot delimiter, `\\n\\n`) or EOS, ROUGE-1/2/L F-measure (`rouge_score`, Porter
 stemming) after collapsing whitespace, averaged over items.
 """
 
@@ -24,6 +25,8 @@ class Summarization(Task):
     metrics = ("rouge1", "rouge2", "rougeL")
     default_num_fewshot = 0
     max_gen_toks = 128
+    # lm-eval api/task.py: generation_kwargs without `until` get [fewshot_delimiter]
+    until = ("\n\n",)
     prompt_doc = "Summarize the following article:\\n\\n{article}\\n\\nSummary:  (0-shot)"
 
     def check(self):
@@ -35,7 +38,7 @@ class Summarization(Task):
 
     def build_items(self, docs, fewshot_docs):
         return [Item(i, doc, doc_to_text(doc), doc["highlights"],
-                     [Request(doc_to_text(doc), until=(), max_gen_toks=self.gen_toks)],
+                     [Request(doc_to_text(doc), until=self.until, max_gen_toks=self.gen_toks)],
                      doc_id=str(doc.get("id") or i))
                 for i, doc in enumerate(docs)]
 

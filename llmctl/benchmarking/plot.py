@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from server.extras import require
+
 
 def plot_serve(result: dict, path: str | Path) -> Path:
     """Two panels: output tok/s and requests/s (left), TTFT/TPOT/ITL/E2E p50 and p99 (right)."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "bench", "--plot")
     matplotlib.use("Agg")  # no display; safe in CI and over SSH
     import matplotlib.pyplot as plt
     from matplotlib.ticker import LogFormatter

@@ -45,7 +45,8 @@ def _redis_note(result: dict) -> str:
     if not redis:
         return ""
     if "error" in redis:
-        return f"\n[yellow]warning:[/yellow] {redis['error']}; its copies expire by TTL."
+        return (f"\n[yellow]warning:[/yellow] {output.safe(redis['error'])}; its copies "
+                "expire by TTL.")
     return f" Redis: {redis['deleted']} removed."
 
 
@@ -57,7 +58,7 @@ def stats(ctx: typer.Context, model: Model = None, as_json: JsonOption = False):
     def render():
         t = output.table("Completion cache", COLUMNS, [_row(d) for d in data["models"]])
         if len(data["models"]) != 1:
-            t.add_row(*[str(v) for v in _row({**data, "model": "total"})], style="bold")
+            t.add_row(*map(output.plain, _row({**data, "model": "total"})), style="bold")
         return t
 
     output.emit(data, as_json, render)
@@ -68,7 +69,7 @@ def clear(ctx: typer.Context, model: Model = None, as_json: JsonOption = False):
     """Delete every cached completion (or one model's)."""
     app_ctx = context.get(ctx)
     result = svc.clear(app_ctx.db, model=model, redis_url=app_ctx.settings.redis_active_url)
-    what = f"model {model}" if model else "all models"
+    what = f"model {output.safe(model)}" if model else "all models"
     output.emit(result, as_json,
                 lambda: f"Cleared {_entries(result['deleted'])} ({what}).{_redis_note(result)}")
 

@@ -1,7 +1,8 @@
-"""`llmctl db`: schema migrations (Alembic)."""
+"""`llmctl db`: schema migrations (Alembic) and the database's own shell."""
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
@@ -9,8 +10,9 @@ import typer
 from llmctl import context, output
 from llmctl.output import JsonOption
 from server.db import migrate
+from server.db import shell as db_shell
 
-app = typer.Typer(help="Database migrations.", no_args_is_help=True)
+app = typer.Typer(help="Database migrations and shell.", no_args_is_help=True)
 
 
 def _db(ctx: typer.Context):
@@ -72,3 +74,14 @@ def revision(ctx: typer.Context,
     db.ensure_schema()  # autogenerate compares against a database at head
     rev = migrate.revision(db, message)
     output.emit({"revision": rev}, as_json, lambda: f"wrote migrations/versions/{rev}_*.py")
+
+
+@app.command()
+def shell(ctx: typer.Context):
+    """Open the configured database in sqlite3 or psql (reads SQL from stdin when piped)."""
+    db = context.get(ctx).db
+    if db.is_sqlite:
+        db.ensure_schema()  # the embedded default is created and migrated on first use
+    argv, env = db_shell.shell_command(db.url)
+    db.dispose()
+    os.execve(argv[0], argv, env)

@@ -39,7 +39,7 @@ def _models(value: str | None) -> list[str] | None:
 def _print_created(created: svc.CreatedKey, as_json: bool, verb: str) -> None:
     data = {"secret": created.secret, **created.key.to_dict()}
     output.emit(data, as_json, lambda: (
-        f"{verb} key [bold]{created.key.name}[/bold] (id {created.key.id}).\n"
+        f"{verb} key [bold]{output.safe(created.key.name)}[/bold] (id {created.key.id}).\n"
         f"Secret, shown once — store it now:\n\n  {created.secret}\n"))
 
 
@@ -97,7 +97,8 @@ def update(
 def revoke(ctx: typer.Context, key: KeyRef, as_json: JsonOption = False):
     """Revoke a key: it stops working at once."""
     info = svc.revoke_key(context.get(ctx).db, key)
-    output.emit(info.to_dict(), as_json, lambda: f"Revoked key {info.name} ({info.prefix}…).")
+    output.emit(info.to_dict(), as_json,
+                lambda: f"Revoked key {output.safe(info.name)} ({info.prefix}…).")
 
 
 @app.command()

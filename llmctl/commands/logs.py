@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Group
+from rich.text import Text
 
 from llmctl import context, output
 from llmctl.output import JsonOption
@@ -41,7 +42,7 @@ def _row(e: dict) -> list:
     status = e["status"]
     colour = "green" if status < 400 else "yellow" if status < 500 else "red"
     return [e["created_at"][:19].replace("T", " "), e["request_id"], e["key_name"] or e["key_id"],
-            e["model"], e["route"], f"[{colour}]{status}[/{colour}]", e["prompt_tokens"],
+            e["model"], e["route"], Text(str(status), style=colour), e["prompt_tokens"],
             e["completion_tokens"], e["charged_tokens"], f"{e['latency_ms']:.0f}",
             e["cache_status"], e["error_type"]]
 
@@ -77,8 +78,8 @@ def show(ctx: typer.Context,
          as_json: JsonOption = False):
     """Show one logged request in full."""
     entry = svc.show(context.get(ctx).db, request_id)
-    output.emit(entry, as_json, lambda: "\n".join(
-        f"[bold]{k:>17}[/bold]  {'' if v is None else v}" for k, v in entry.items()))
+    output.emit(entry, as_json, lambda: Text("\n").join(
+        Text.assemble((f"{k:>17}", "bold"), "  ", output.plain(v)) for k, v in entry.items()))
 
 
 @app.command()
@@ -102,7 +103,7 @@ def tail(ctx: typer.Context,
                 if as_json:
                     print(json.dumps(e), flush=True)
                 else:
-                    output.console.print(" ".join("" if v is None else str(v) for v in _row(e)),
+                    output.console.print(Text(" ").join(map(output.plain, _row(e))),
                                          highlight=False)
             time.sleep(interval)
             entries = follower.poll()
@@ -132,7 +133,7 @@ def export(ctx: typer.Context,
     with open(out, "w", newline="") as fh:
         count = svc.export(db, fh, fmt, **filters)
     output.emit({"exported": count, "format": fmt, "path": str(out)}, as_json,
-                lambda: f"Exported {count:,} entries to {out}.")
+                lambda: f"Exported {count:,} entries to {output.safe(out)}.")
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""`llmctl models`: what is configured, and a test model for offline use."""
+"""`llmctl models`: what is configured, how a running gateway's backends are doing,
+and a test model for offline use."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Annotated
 import typer
 
 from llmctl import context, output
+from llmctl.gateway import admin_get
 from llmctl.output import JsonOption
 from server.config import load_models_config
 from server.errors import InvalidRequest
@@ -31,6 +33,34 @@ def list_(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOption =
     output.emit(data, as_json, lambda: output.table(
         "Models", ["name", "id", "type", "source", "device", "dtype", "context", "max new",
                    "default"], rows) if rows else "no models configured")
+
+
+@app.command("status")
+def status(
+    ctx: typer.Context,
+    url: Annotated[str | None, typer.Option("--url", help="The gateway (default: "
+                                            "http://LLMCTL_HOST:LLMCTL_PORT).")] = None,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="LLMCTL_API_KEY",
+                                                help="An admin key.")] = None,
+    as_json: JsonOption = False,
+):
+    """Show each model's backends on a running gateway: health, in flight, errors."""
+    settings = context.get(ctx).settings
+    data = admin_get(url or f"http://{settings.host}:{settings.port}", api_key,
+                     "/v1/admin/models/status")
+    rows = []
+    for m in data["models"]:
+        health = {None: "not loaded", True: "ok", False: "DOWN"}[m["ok"]]
+        if not m["backends"]:
+            rows.append([m["model"], "-", health, "", "", "", "", m["reason"]])
+        for b in m["backends"]:
+            recent = ", ".join(f"{k} {v}" for k, v in b["recent_errors"].items())
+            rows.append([m["model"], b["name"], "ok" if b["healthy"] else
+                         f"ejected ({b['ejected_for_s']:g}s)", b["in_flight"], b["requests"],
+                         b["errors"], recent, b["url"] or b["type"]])
+    output.emit(data, as_json, lambda: output.table(
+        "Backends", ["model", "backend", "health", "in flight", "requests", "errors",
+                     "errors (last 60 s)", "where"], rows))
 
 
 @app.command("create-test-model")

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
 from llmctl import context, output
 from llmctl.commands.keys import Conc, KeyRef, Monthly, Rpm, Tpm
@@ -34,8 +35,8 @@ def _n(value: int | None) -> str:
 def _row(q: svc.QuotaStatus) -> list:
     own = set(q.own_limits)
 
-    def mark(field: str, value: int) -> str:  # role defaults are shown dim
-        return _n(value) if field in own else f"[dim]{_n(value)}[/dim]"
+    def mark(field: str, value: int) -> Text:  # role defaults are shown dim
+        return Text(_n(value), style="" if field in own else "dim")
 
     return [q.key_name, q.role, q.month, mark("monthly_token_quota", q.monthly_token_quota),
             f"{q.used_tokens:,}", f"{q.reserved_tokens:,}",

@@ -53,6 +53,7 @@ def serve(
     import uvicorn
 
     from server.api.app import create_app
+    from server.api.drain import DrainingServer
     from server.config import load_models_config
 
     settings = context.get(ctx).settings
@@ -69,8 +70,10 @@ def serve(
     db.dispose()
     sock = _bind(settings.host, settings.port)
     app = create_app(settings, models, load_default=not lazy)
-    server = uvicorn.Server(uvicorn.Config(
-        app, log_level=log_level, access_log=False, timeout_graceful_shutdown=30))
+    grace = 30
+    server = DrainingServer(uvicorn.Config(
+        app, log_level=log_level, access_log=False, timeout_graceful_shutdown=grace),
+        drain=app.state.drain, grace=grace)
     try:
         server.run(sockets=[sock])
     except SystemExit:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
 from llmctl import context, output
 from llmctl.output import JsonOption
@@ -37,9 +38,10 @@ def usage(
                      "requests", "cached_requests", "prompt_tokens", "completion_tokens",
                      "total_tokens", "charged_tokens"))] for r in report["rows"]]
         t = report["totals"]
-        rows.append(["[bold]total[/bold]", report["month"] or "all", "", *(f"{t[c]:,}" for c in (
-            "requests", "cached_requests", "prompt_tokens", "completion_tokens", "total_tokens",
-            "charged_tokens"))])
+        rows.append([Text("total", style="bold"), report["month"] or "all", "",
+                     *(f"{t[c]:,}" for c in ("requests", "cached_requests", "prompt_tokens",
+                                             "completion_tokens", "total_tokens",
+                                             "charged_tokens"))])
         return output.table(f"Usage, {report['month'] or 'all months'}", COLUMNS, rows)
 
     output.emit(report, as_json, render)

@@ -15,10 +15,12 @@ from fastapi import FastAPI
 
 from server import metrics
 from server.api import bodies, errors
+from server.api.bodylimit import BodyLimitMiddleware
 from server.api.direct import DirectRoutes, direct_routes
+from server.api.drain import Drain, DrainMiddleware
 from server.api.middleware import RequestContextMiddleware
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
-from server.api.routes import admin, generate, health, openai
+from server.api.routes import admin, backends, generate, health, openai
 from server.api.routes import models as model_routes
 from server.api.routes import usage as usage_routes
 from server.api.serving import Gateway
@@ -26,7 +28,7 @@ from server.api.state import AppState
 from server.config import ModelsConfig, Settings, load_models_config
 from server.db.engine import Database
 from server.engines.manager import EngineFactory, MultiModelManager, default_engine_factory
-from server.services import sqlitereader
+from server.services import evalscores, sqlitereader
 from server.services.cache import CompletionCache
 from server.services.keys import KeyLookup
 from server.services.limits import Limiter
@@ -68,10 +70,13 @@ def create_app(settings: Settings | None = None, models: ModelsConfig | None = N
         state.gateway = Gateway(settings, manager, limiter=limiter, cache=state.cache)
         app.state.llmctl = state
         metrics.watch(manager, logstore)
+        metrics.watch_evals(lambda: evalscores.latest_scores(db))
         if settings.preload:
             await manager.preload()
         elif load_default and models.default_model is not None:
             manager.load_in_background(manager.spec(None))
+        # Models with replicas on remote servers: watched from start-up.
+        await manager.start_remote_routers()
         try:
             yield
         finally:
@@ -89,11 +94,16 @@ def create_app(settings: Settings | None = None, models: ModelsConfig | None = N
     app = FastAPI(title="llmctl", version="0.1.0", lifespan=lifespan,
                   docs_url="/docs", redoc_url=None)
     errors.install(app)
-    for module in (health, generate, openai, model_routes, usage_routes, admin):
+    for module in (health, generate, openai, model_routes, usage_routes, admin, backends):
         app.include_router(module.router)
     bodies.install_schemas(app, [GenerateRequest, CompletionRequest, ChatCompletionRequest])
+    errors.document(app)
     # Innermost first: the request context wraps the completion routes' direct dispatch.
     app.add_middleware(DirectRoutes, routes=direct_routes(generate.router, openai.router),
                        handlers=app.exception_handlers)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # `llmctl serve` sets `draining` on SIGTERM (server/api/drain.py).
+    app.state.drain = Drain()
+    app.add_middleware(DrainMiddleware, drain=app.state.drain)
     app.add_middleware(RequestContextMiddleware)
     return app

@@ -42,9 +42,13 @@ async def read_json(request: Request, model: type[M]) -> tuple[M | None,
 
 
 def documented(model: type[BaseModel]) -> dict:
-    """`openapi_extra` for a route that reads `model` with `read_json`."""
-    return {"requestBody": {"required": True, "content": {"application/json": {
+    """`openapi_extra` for a route that reads `model` with `read_json` (and answers a
+    server-sent event stream when the model has a `stream` field)."""
+    extra = {"requestBody": {"required": True, "content": {"application/json": {
         "schema": {"$ref": _REF.format(model=model.__name__)}}}}}
+    if "stream" in model.model_fields:
+        extra["responses"] = {"200": {"content": {"text/event-stream": {}}}}
+    return extra
 
 
 def install_schemas(app: FastAPI, models: list[type[BaseModel]]) -> None:

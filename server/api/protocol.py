@@ -59,6 +59,9 @@ class GenerateRequest(_Request):
     stream: bool = False
     # llmctl: false skips the completion cache for this request (lookup and store).
     cache: bool = True
+    # One text per request: a client asking for several choices is refused (400) rather
+    # than silently given one; /v1/completions has `n`.
+    n: int = Field(default=1, ge=1, le=1, description="Must be 1; /v1/completions has n.")
 
 
 class Usage(BaseModel):

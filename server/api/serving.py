@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from server import metrics
+from server.api.bounds import Usage, byte_bound, capped_usage, hopeless
 from server.api.tokencounts import TokenCounts
 from server.config import ModelSpec
 from server.engines.base import (
@@ -26,9 +29,11 @@ from server.engines.base import (
     StreamDelta,
     TokenLogprob,
 )
-from server.errors import InvalidRequest, PermissionDenied
+from server.errors import InvalidRequest, LlmctlError, PermissionDenied
 from server.services.keys import KeyInfo
 from server.services.logstore import RequestRecord
+
+log = logging.getLogger("llmctl.api")
 
 
 @dataclass
@@ -54,14 +59,36 @@ class Call:
     engine: ModelEngine
     requests: list[EngineRequest]
     prompt_texts: list[str]  # exact text each prompt shows the model (cache key, logs)
-    prompt_tokens: int  # over all prompts, each counted once (OpenAI's usage)
-    reserve_tokens: int  # what admission holds against the quota
+    prompt_tokens: int  # over all prompts, each counted once (OpenAI's usage); 0: unknown
+    prompt_bounds: list[int]  # per prompt, the most tokens it can be (server/api/bounds.py)
+    reserve_tokens: int  # what admission holds against the quota: the request's bound
     cache_params: dict
     policy: CachePolicy = field(default_factory=CachePolicy)
     id: str = ""
     created: int = 0
     # Time to first token counts from here: the request is validated and its model loaded.
     started: float = field(default_factory=time.perf_counter)
+    answered_by: str | None = None  # a fallback model that answered (from a shared flight)
+
+    @property
+    def model_name(self) -> str:
+        """The model that answered: a fallback's name when this model's backends could
+        not (the `model` field of the response)."""
+        served = next((r.served_model for r in self.requests if r.served_model), None)
+        return self.answered_by or served or self.spec.name
+
+    @property
+    def fell_back(self) -> bool:
+        return self.model_name != self.spec.name
+
+    def route_headers(self, record: RequestRecord | None) -> dict[str, str]:
+        """`x-llmctl-backend` and the log's backend and attempts, from the router's
+        notes on the requests (models with replicas or fallbacks only)."""
+        served = ",".join(dict.fromkeys(r.served_by for r in self.requests if r.served_by))
+        attempts = sum(r.attempts for r in self.requests)
+        if record is not None and attempts:
+            record.backend, record.attempts = served[:128] or None, attempts
+        return {"x-llmctl-backend": served} if served else {}
 
 
 def completion_from_dict(data: dict) -> Completion:
@@ -82,9 +109,14 @@ class Outcome:
     cache_status: str  # hit | miss | bypass
     headers: dict[str, str]
 
-    def cache_value(self) -> dict:
-        return {"id": self.id, "created": self.created,
-                "choices": [dataclasses.asdict(c) for c in self.choices]}
+    def cache_value(self, model: str | None = None) -> dict:
+        """What the cache stores, and what a shared flight hands its waiters (`model`:
+        the fallback that answered, never stored)."""
+        value = {"id": self.id, "created": self.created,
+                 "choices": [dataclasses.asdict(c) for c in self.choices]}
+        if model is not None:
+            value["model"] = model
+        return value
 
 
 _ID_PREFIX = {"generate": "gen-", "completions": "cmpl-", "chat": "chatcmpl-"}
@@ -135,9 +167,15 @@ class Gateway:
             inputs, texts = list(prompts or []), []
             for p in inputs:
                 texts.append(p if isinstance(p, str) else " ".join(map(str, p)))
-        counts = [self._count(engine, p, t, messages is not None) for p, t in zip(
-            inputs, texts, strict=True)]
         limit = engine.max_context
+        for text in texts:
+            if hopeless(text, limit, engine.longest_token):
+                raise InvalidRequest(
+                    f"{prompt_field}: {len(text)} characters cannot fit the context of model "
+                    f"{spec.name!r} ({limit} tokens)", param=prompt_field,
+                    code="context_length_exceeded")
+        counts = [await self._count(engine, p, t, messages is not None) for p, t in zip(
+            inputs, texts, strict=True)]
         if fit_context and limit is not None:
             room = min(limit - (c or 0) for c in counts)
             if 0 < room < params.max_new_tokens:
@@ -154,12 +192,14 @@ class Gateway:
                           extra=extra)
             for p in inputs for _ in range(n)
         ]
-        known = [c if c is not None else len(t) // 3 + 1 for c, t in zip(counts, texts,
-                                                                           strict=True)]
+        # Forwarded fields (tools, response_format) are prompt tokens at the remote too.
+        forwarded = byte_bound(json.dumps(extra)) if extra else 0
+        bounds = [(c if c is not None else byte_bound(t)) + forwarded
+                  for c, t in zip(counts, texts, strict=True)]
         call = Call(
             api=api, spec=spec, engine=engine, requests=requests, prompt_texts=texts,
-            prompt_tokens=sum(c or 0 for c in counts),
-            reserve_tokens=sum(known) * n + params.max_new_tokens * len(requests),
+            prompt_tokens=sum(c or 0 for c in counts), prompt_bounds=bounds,
+            reserve_tokens=sum(bounds) + params.max_new_tokens * len(requests),
             cache_params={**_fields(params), "n": n, "echo": echo_logprobs, "api": api},
             policy=policy or CachePolicy(),
             id=_ID_PREFIX[api] + os.urandom(16).hex(), created=int(time.time()),
@@ -168,11 +208,11 @@ class Gateway:
             record.prompt = "\n".join(texts)
         return call
 
-    def _count(self, engine: ModelEngine, prompt, text: str, chat: bool) -> int | None:
+    async def _count(self, engine: ModelEngine, prompt, text: str, chat: bool) -> int | None:
         if isinstance(prompt, list):
             return len(prompt)
         # A rendered chat template already holds its special tokens (a BOS, say).
-        return self.counts.count(engine, text, add_special_tokens=not chat)
+        return await self.counts.count(engine, text, add_special_tokens=not chat)
 
     # --- admission, cache and settlement
 
@@ -185,8 +225,11 @@ class Gateway:
         n = max(1, len(call.requests) // max(1, len(call.prompt_texts)))
         prompts = [r.prompt if r.messages is None else text
                    for r, text in zip(call.requests[::n], call.prompt_texts, strict=True)]
+        # Without a pinned revision, the fingerprint of the loaded weights: weights
+        # changed in place must not be answered from the old ones' entries.
         return self.cache.key_for(
-            model=call.spec.name, model_id=call.spec.id, revision=call.spec.revision,
+            model=call.spec.name, model_id=call.spec.id,
+            revision=call.spec.revision or call.engine.fingerprint,
             prompt=prompts, params=call.cache_params, key_id=key.id)
 
     async def _cached_or_generated(self, call: Call, cache_key) -> tuple[dict, str]:
@@ -197,12 +240,17 @@ class Gateway:
             if self.cache is not None:
                 self.cache.record_bypass(call.spec.name)
             value = await self._generate_all(call)
-            if cache_key is not None and call.policy.store:
+            if cache_key is not None and call.policy.store and not call.fell_back:
                 await self.cache.put(cache_key, value)
             return value, "bypass"
-        value, layer = await self.cache.single_flight(
-            cache_key, lambda: self._generate_all(call), store=call.policy.store)
-        return value, "hit" if layer else "miss"
+        async with self.cache.flight(cache_key, store=call.policy.store) as flight:
+            if flight.hit:
+                return flight.value, "hit"
+            value = await self._generate_all(call)
+            # A fallback model's answer is not this model's: never stored under its key.
+            flight.store = flight.store and not call.fell_back
+            await flight.fulfil(value)
+            return value, "miss"
 
     async def _admit(self, key: KeyInfo, call: Call):
         if self.limiter is None:
@@ -216,11 +264,14 @@ class Gateway:
     def _charge(self, call: Call, outcome: Outcome) -> int:
         if outcome.cache_status == "hit" and not self.settings.cache_hits_charge_quota:
             return 0
-        return sum(self.usage(call, outcome))
+        return capped(call, outcome.choices).total
 
     def _finish(self, record: RequestRecord | None, call: Call, outcome: Outcome,
                 charged: int) -> None:
-        prompt_tokens, completion_tokens = self.usage(call, outcome)
+        usage = capped(call, outcome.choices)
+        prompt_tokens, completion_tokens = usage.prompt_tokens, usage.completion_tokens
+        if usage.overreported and outcome.cache_status != "hit":
+            self._overreported(record, call, usage.overreported)
         if record is not None:
             record.prompt_tokens = prompt_tokens
             record.completion_tokens = completion_tokens
@@ -237,20 +288,28 @@ class Gateway:
             metrics.observe_key_tokens(record.key_id, call.spec.name, prompt_tokens,
                                        completion_tokens)
 
+    @staticmethod
+    def _overreported(record: RequestRecord | None, call: Call, tokens: int) -> None:
+        metrics.USAGE_OVERREPORTED.labels(call.spec.name).inc(tokens)
+        message = (f"model {call.spec.name!r} reported {tokens} tokens more than the "
+                   "request's bound; they were not charged")
+        log.warning("%s (request %s)", message, call.id)
+        if record is not None and record.error_type is None:
+            record.error_type, record.error_message = "usage_overreported", message
+
     async def _generate_all(self, call: Call) -> dict:
+        # Admitted as a whole by the engine, and cancelled as a whole when one fails.
+        choices = await call.engine.generate_all(call.requests)
         series = metrics.model_series(call.spec.name)
-
-        async def one(request: EngineRequest) -> Completion:
-            choice = await call.engine.generate(request)
+        done = time.perf_counter() - call.started
+        for choice in choices:
             # The engine's TTFT counts from its own start (local: the submit); the rest
-            # of the time since is decoding.
+            # of the time until the batch returned is decoding.
             ttft = choice.ttft_s
-            decode = None if ttft is None else time.perf_counter() - call.started - ttft
-            series.generated(ttft, decode, choice.completion_tokens, choice.finish_reason)
-            return choice
-
-        choices = await asyncio.gather(*(one(r) for r in call.requests))
-        return Outcome(call.id, call.created, list(choices), "miss", {}).cache_value()
+            series.generated(ttft, None if ttft is None else done - ttft,
+                             choice.completion_tokens, choice.finish_reason)
+        return Outcome(call.id, call.created, list(choices), "miss", {}).cache_value(
+            call.model_name if call.fell_back else None)
 
     async def _cached(self, call: Call, cache_key) -> dict | None:
         """A plain lookup before admission: the hit path holds no quota and writes
@@ -269,8 +328,10 @@ class Gateway:
         return await self.limiter.admit(key, reserve_tokens=call.reserve_tokens if charge else 0,
                                         hold_quota=charge)
 
-    async def run(self, key: KeyInfo, record: RequestRecord | None, call: Call) -> Outcome:
-        """A non-streaming call."""
+    async def run(self, key: KeyInfo, record: RequestRecord | None, call: Call,
+                  guard=None) -> Outcome:
+        """A non-streaming call. `guard(awaitable)` wraps the generation (not a cache
+        hit): the routes' stops it when the client disconnects (api/disconnect.py)."""
         cache_key = self._cache_key(key, call)
         hit = await self._cached(call, cache_key)
         admission = await (self._admit_hit(key, call) if hit is not None
@@ -280,13 +341,19 @@ class Gateway:
             if hit is not None:
                 value, status = hit, "hit"
             else:
-                value, status = await self._cached_or_generated(call, cache_key)
+                work = self._cached_or_generated(call, cache_key)
+                value, status = await (guard(work) if guard is not None else work)
+            call.answered_by = value.get("model")
+            headers = dict(admission.headers) if admission else {}
             outcome = Outcome(value["id"], value["created"],
                               [completion_from_dict(c) for c in value["choices"]], status,
-                              dict(admission.headers) if admission else {})
+                              {**headers, **call.route_headers(record)})
             charged = self._charge(call, outcome)
             self._finish(record, call, outcome, charged)
             return outcome
+        except BaseException:
+            call.route_headers(record)  # a failed request's log shows its attempts too
+            raise
         finally:
             if admission is not None:
                 await admission.settle(charged)
@@ -316,6 +383,7 @@ class Gateway:
                 flight = await self.cache.join(cache_key, store=call.policy.store)
                 if flight.hit:
                     value = flight.value
+                    call.answered_by = value.get("model")
                     outcome = Outcome(value["id"], value["created"],
                                       [completion_from_dict(c) for c in value["choices"]], "hit",
                                       headers)
@@ -324,10 +392,11 @@ class Gateway:
                 status = "miss"
             elif self.cache is not None:
                 self.cache.record_bypass(call.spec.name)
-            streams = [call.engine.stream(r) for r in call.requests]
-            merged = _merge(streams)
+            merged = _merge(await call.engine.stream_all(call.requests))
             first = await anext(merged)  # surfaces Overloaded etc. before the response
+            headers.update(call.route_headers(record))
         except BaseException as exc:
+            call.route_headers(record)
             if flight is not None:
                 await flight.release(exc)
             if admission is not None:
@@ -395,23 +464,28 @@ class Gateway:
             charged = self._charge(call, outcome)
             self._finish(record, call, outcome, charged)
             if flight is not None:
-                await flight.fulfil(outcome.cache_value())  # wakes waiters, stores
-            elif cache_key is not None and call.policy.store:
+                # Waiters get the answer; a fallback model's is never stored as this one's.
+                flight.store = flight.store and not call.fell_back
+                await flight.fulfil(outcome.cache_value(
+                    call.model_name if call.fell_back else None))
+            elif cache_key is not None and call.policy.store and not call.fell_back:
                 await self.cache.put(cache_key, outcome.cache_value())
         except (GeneratorExit, asyncio.CancelledError) as exc:
             if flight is not None:
                 await flight.release(exc)  # a waiting identical request takes over
             # The client went away: generation stops (engine streams are closed below)
-            # and what was produced is still charged and logged.
-            charged = call.prompt_tokens + produced
+            # and what was produced is still charged (never past the reservation) and
+            # logged.
+            charged = _cut_short(record, call, produced, 499, "client_disconnected", None)
             series.finished("abort", len(call.requests) - len(finals))
-            if record is not None:
-                record.stream = True
-                record.prompt_tokens, record.completion_tokens = call.prompt_tokens, produced
-                record.charged_tokens = charged
-                record.error_type = "client_disconnected"
-                record.finish_reason = "abort"
-                record.status = 499
+            raise
+        except LlmctlError as exc:
+            if flight is not None:
+                await flight.release(exc)
+            # A stream that has started is never retried: it ends with an error event
+            # (sse.guarded), and the key is charged the tokens it was sent.
+            charged = _cut_short(record, call, produced, exc.status_code,
+                                 exc.code or exc.error_type, exc.message)
             raise
         except BaseException as exc:
             if flight is not None:
@@ -424,12 +498,35 @@ class Gateway:
                 await admission.settle(charged)
 
 
+def capped(call: Call, choices: list[Completion]) -> Usage:
+    """Usage of choices in index order, capped to the request's bounds (bounds.py)."""
+    return capped_usage(
+        choices, counted_prompt=call.prompt_tokens, prompt_bounds=call.prompt_bounds,
+        per_prompt=max(1, len(call.requests) // max(1, len(call.prompt_texts))),
+        max_new_tokens=call.requests[0].params.max_new_tokens if call.requests else 0)
+
+
+def _cut_short(record: RequestRecord | None, call: Call, produced: int, status: int,
+               error_type: str, message: str | None) -> int:
+    """Log a stream that ended early; what it delivered is what it is charged, never
+    more than was reserved."""
+    charged = min(call.prompt_tokens + produced, call.reserve_tokens)
+    if record is not None:
+        record.stream = True
+        record.prompt_tokens, record.completion_tokens = call.prompt_tokens, produced
+        record.charged_tokens = charged
+        record.error_type, record.error_message = error_type, message
+        record.finish_reason = "abort" if status == 499 else "error"
+        record.status = status
+    return charged
+
+
 def count_usage(call: Call, choices: list[Completion]) -> tuple[int, int]:
     """(prompt, completion) tokens of choices in index order: each prompt once however
-    many choices it has (OpenAI's convention); remote models report their own counts."""
-    n = max(1, len(call.requests) // max(1, len(call.prompt_texts)))
-    prompt = call.prompt_tokens or sum(c.prompt_tokens for c in choices[::n])
-    return prompt, sum(c.completion_tokens for c in choices)
+    many choices it has (OpenAI's convention); remote models report their own counts,
+    capped to what the request could cost."""
+    usage = capped(call, choices)
+    return usage.prompt_tokens, usage.completion_tokens
 
 
 async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:

@@ -134,6 +134,9 @@ class RequestLog(Base):
     finish_reason: Mapped[str | None] = mapped_column(String(16), nullable=True)
     error_type: Mapped[str | None] = mapped_column(String(64), nullable=True)
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Models with replicas: the "model/backend" that answered, and the attempts it took.
+    backend: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    attempts: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # Stored only with LLMCTL_LOG_PROMPTS=true.
     prompt: Mapped[str | None] = mapped_column(Text, nullable=True)
     output: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -174,6 +177,25 @@ class EvalRun(Base):
     status: Mapped[str] = mapped_column(String(16), default="running")
     n_items: Mapped[int] = mapped_column(Integer, default=0)
     metrics: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    # The suite run this run belongs to (`llmctl eval suite`), if any.
+    suite_run_id: Mapped[str | None] = mapped_column(
+        ForeignKey("eval_suite_runs.id", ondelete="SET NULL"), nullable=True, index=True)
+
+
+class EvalSuiteRun(Base):
+    """One `llmctl eval suite FILE.yaml` run: its task runs point at it."""
+
+    __tablename__ = "eval_suite_runs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), index=True)
+    # The suite file's content and models: what `--resume` and `--baseline last` match on.
+    fingerprint: Mapped[str] = mapped_column(String(64), index=True)
+    config: Mapped[dict] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), default="running")
+    results: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # gates and summary
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 

@@ -7,6 +7,7 @@ same small surface, so routes, the cache and evals never care which one answers.
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -48,6 +49,11 @@ class EngineRequest:
     # OpenAI chat fields llmctl does not interpret (tools, tool_choice,
     # response_format): only remote engines take them, forwarded unchanged.
     extra: dict | None = None
+    # Filled in by the router (server/engines/router.py) for models with replicas or
+    # fallbacks: who answered, and how many backend attempts it took.
+    served_model: str | None = None
+    served_by: str | None = None  # "model/backend"
+    attempts: int = 0
 
 
 @dataclass
@@ -102,6 +108,24 @@ class ModelEngine(ABC):
         """Yield StreamDelta pieces, then exactly one Completion. Closing the iterator
         (client gone) must stop the generation."""
 
+    async def generate_all(self, requests: list[EngineRequest]) -> list[Completion]:
+        """The choices of one API request (several prompts, `n`): admitted as a whole or
+        not at all, and when one fails the others are cancelled. This default runs them
+        side by side in a TaskGroup (which cancels the rest on the first error)."""
+        if len(requests) == 1:
+            return [await self.generate(requests[0])]
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self.generate(r)) for r in requests]
+        except BaseExceptionGroup as failed:
+            raise failed.exceptions[0] from None
+        return [t.result() for t in tasks]
+
+    async def stream_all(self, requests: list[EngineRequest]) -> list[AsyncIterator]:
+        """One stream per request, admitted as a whole (an engine with a queue raises
+        Overloaded here, before any is queued). Closing a stream cancels its request."""
+        return [self.stream(r) for r in requests]
+
     def count_tokens(self, text: str, *, add_special_tokens: bool = True) -> int | None:
         """Token count with the model's own tokenizer; None where unknown (remote).
         Text that already carries its special tokens (a rendered chat template) is
@@ -114,6 +138,17 @@ class ModelEngine(ABC):
 
     @property
     def max_context(self) -> int | None:
+        return None
+
+    @property
+    def longest_token(self) -> int | None:
+        """The most characters one token of this model's tokenizer covers (None where
+        unknown): a prompt longer than this times the context cannot fit."""
+        return None
+
+    @property
+    def fingerprint(self) -> str | None:
+        """Identifies the weights being served where no revision pins them (cache keys)."""
         return None
 
     @property

@@ -35,7 +35,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
+import hashlib
 import math
+import os
 import threading
 from collections.abc import AsyncIterator, Callable
 
@@ -44,9 +46,11 @@ from server.engines import hub
 from server.engines.base import Completion, EngineRequest, ModelEngine, SamplingParams, StreamDelta
 from server.engines.device import configure_threads, release_memory, resolve_device, resolve_dtype
 from server.engines.scheduler import EngineStats, Scheduler, Sequence, prompt_logprobs
+from server.engines.tokenizer import count, longest_token
 from server.errors import ConfigError, InvalidRequest, Overloaded, Unavailable
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
+INLINE_ENCODE_CHARS = 4096  # longer prompts are tokenized in a worker thread
 
 
 class LocalEngine(ModelEngine):
@@ -84,6 +88,8 @@ class LocalEngine(ModelEngine):
         self._tok_lock = threading.Lock()  # this side's tokenizer (the loop has its own)
         self._pieces: dict[int, str] = {}
         self._idle_stats = EngineStats()
+        self._longest: int | None = None
+        self._fingerprint: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -118,6 +124,8 @@ class LocalEngine(ModelEngine):
                                   f"{source.explain() or exc}") from None
             model.to(device).eval()
             self.model, self.device, self.dtype = model, device, dtype
+            if self.spec.revision is None:
+                self._fingerprint = weights_fingerprint(source.name_or_path)
             self._vocab = model.get_input_embeddings().num_embeddings
             if self.spec.max_context is None:
                 self._context = _model_context(model.config, self.tokenizer)
@@ -192,18 +200,21 @@ class LocalEngine(ModelEngine):
     def max_context(self) -> int | None:
         return self._context
 
+    @property
+    def longest_token(self) -> int | None:
+        return self._longest
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self._fingerprint
+
     def count_tokens(self, text: str, *, add_special_tokens: bool = True) -> int | None:
         """Tokens the model runs for `prompt=text` (special tokens such as a BOS
         included, as for a text prompt). For text that already carries them (a rendered
         chat template) or a piece of output, pass `add_special_tokens=False`."""
         tok = self._ensure_tokenizer()
         with self._tok_lock:
-            # The Rust tokenizer's single encode: `tok(text)` goes through encode_batch,
-            # whose thread-pool hop costs ~1 ms of wall time on a busy 2-core machine.
-            backend = getattr(tok, "_tokenizer", None)
-            if backend is not None:
-                return len(backend.encode(text, add_special_tokens=add_special_tokens).ids)
-            return len(tok(text, add_special_tokens=add_special_tokens)["input_ids"])
+            return count(tok, text, add_special_tokens=add_special_tokens)
 
     def render_chat(self, messages: list[dict]) -> str | None:
         tok = self._ensure_tokenizer()
@@ -239,7 +250,9 @@ class LocalEngine(ModelEngine):
         if self.tokenizer is None:
             with self._tok_lock:
                 if self.tokenizer is None:
-                    self.tokenizer = self._load_tokenizer()
+                    tok = self._load_tokenizer()
+                    self._longest = longest_token(tok)
+                    self.tokenizer = tok
         return self.tokenizer
 
     def _piece(self, token_id: int) -> str:
@@ -249,6 +262,14 @@ class LocalEngine(ModelEngine):
             text = self._pieces[token_id] = self.tokenizer.decode([token_id],
                                                                   skip_special_tokens=False)
         return text
+
+    async def _encode_off_loop(self, request: EngineRequest) -> tuple[list[int], str | None]:
+        """`_encode`, in a worker thread when the prompt is long (see INLINE_ENCODE_CHARS)."""
+        size = (len(request.prompt) if isinstance(request.prompt, str)
+                else sum(len(m.get("content") or "") for m in request.messages or []))
+        if size <= INLINE_ENCODE_CHARS:
+            return self._encode(request)
+        return await asyncio.to_thread(self._encode, request)
 
     def _encode(self, request: EngineRequest) -> tuple[list[int], str | None]:
         """Prompt token ids and the prompt's text (None for ids until needed)."""
@@ -280,42 +301,63 @@ class LocalEngine(ModelEngine):
     # ------------------------------------------------------------------ requests
 
     async def generate(self, request: EngineRequest) -> Completion:
-        seq = await self._submit(request, stream=False)
-        if isinstance(seq, Completion):
-            return seq
-        scheduler = self._scheduler
+        return (await self.generate_all([request]))[0]
+
+    async def generate_all(self, requests: list[EngineRequest]) -> list[Completion]:
+        """All of `requests` queued at once or none (Overloaded); when one fails or the
+        caller goes, every one still running leaves the batch."""
+        items = await self._submit_all(requests, stream=False)
         try:
-            item = await seq.queue.get()
-        except asyncio.CancelledError:  # caller gone: the request leaves the batch
-            scheduler.cancel(seq)
+            results = []
+            for item in items:
+                if isinstance(item, Sequence):
+                    got = await item.queue.get()
+                    if isinstance(got, BaseException):
+                        raise got
+                    item = self._completion(item)
+                results.append(item)
+            return results
+        except BaseException:
+            self._cancel(items)
             raise
-        if isinstance(item, BaseException):
-            raise item
-        return self._completion(seq)
 
     async def stream(self, request: EngineRequest) -> AsyncIterator[StreamDelta | Completion]:
-        seq = await self._submit(request, stream=True)
-        if isinstance(seq, Completion):
-            yield seq
-            return
-        scheduler = self._scheduler
+        (follow,) = await self.stream_all([request])
         try:
-            while True:
-                item = await seq.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item is seq:
-                    yield self._completion(seq)
-                    return
+            async for item in follow:
                 yield item
         finally:  # aclose(), client gone, task cancelled: the request leaves the batch
-            if not seq.done:
-                scheduler.cancel(seq)
+            await follow.aclose()
 
-    async def _submit(self, request: EngineRequest, *, stream: bool) -> Sequence | Completion:
+    async def stream_all(self, requests: list[EngineRequest]) -> list[AsyncIterator]:
+        return [_Follow(self, item) for item in await self._submit_all(requests, stream=True)]
+
+    def _cancel(self, items: list[Sequence | Completion]) -> None:
+        scheduler = self._scheduler
+        for item in items:
+            if isinstance(item, Sequence) and not item.done and scheduler is not None:
+                scheduler.cancel(item)
+
+    async def _submit_all(self, requests: list[EngineRequest], *,
+                          stream: bool) -> list[Sequence | Completion]:
+        """Each request's Sequence (or its Completion, when nothing is to generate),
+        all queued together: checked first, then admitted as a whole or not at all."""
         await self.start()
+        items = [await self._prepare(r, stream) for r in requests]
+        scheduler = self._scheduler
+        if scheduler is None:
+            raise Unavailable(f"model {self.model_id} was closed")
+        seqs = [item for item in items if isinstance(item, Sequence)]
+        if seqs and not scheduler.submit_all(seqs):
+            raise Overloaded(
+                f"model {self.model_id} is overloaded: {self.spec.max_batch_size} requests "
+                f"running and {self.spec.max_queue} queued at most; retry shortly",
+                headers={"Retry-After": "1"})
+        return items
+
+    async def _prepare(self, request: EngineRequest, stream: bool) -> Sequence | Completion:
         params = _normalize(request.params)
-        ids, text = self._encode(request)
+        ids, text = await self._encode_off_loop(request)
         self._check(params, len(ids), "messages" if request.messages is not None else "prompt")
         if params.max_new_tokens == 0 and not request.echo_logprobs:
             return Completion(text="", finish_reason="length", prompt_tokens=len(ids),
@@ -325,14 +367,6 @@ class LocalEngine(ModelEngine):
                        echo=request.echo_logprobs, stream=stream,
                        loop=asyncio.get_running_loop())
         seq.prompt_text = text
-        scheduler = self._scheduler
-        if scheduler is None:
-            raise Unavailable(f"model {self.model_id} was closed")
-        if not scheduler.submit(seq):
-            raise Overloaded(
-                f"model {self.model_id} is overloaded: {self.spec.max_batch_size} requests "
-                f"running and {self.spec.max_queue} queued at most; retry shortly",
-                headers={"Retry-After": "1"})
         return seq
 
     def _check(self, p: SamplingParams, prompt_tokens: int, prompt_param: str) -> None:
@@ -388,6 +422,67 @@ class LocalEngine(ModelEngine):
             prompt_logprobs=prompt_lps,
             ttft_s=seq.ttft_s,
         )
+
+
+class _Follow:
+    """One admitted request's stream. `aclose()` cancels the request even when the
+    stream was never iterated (an async generator that never started would skip its
+    `finally`, and the request would run on unseen)."""
+
+    def __init__(self, engine: LocalEngine, item: Sequence | Completion):
+        self.engine = engine
+        self.item = item
+        self.finished = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> StreamDelta | Completion:
+        item = self.item
+        if self.finished:
+            raise StopAsyncIteration
+        if isinstance(item, Completion):
+            self.finished = True
+            return item
+        got = await item.queue.get()
+        if isinstance(got, BaseException):
+            self.finished = True
+            raise got
+        if got is item:
+            self.finished = True
+            return self.engine._completion(item)
+        return got
+
+    async def aclose(self) -> None:
+        self.finished = True
+        self.engine._cancel([self.item])
+
+
+def weights_fingerprint(source: str) -> str | None:
+    """A digest of the model directory's files (names, sizes, modification times), or
+    of the hub cache snapshot it resolves to; None when neither is on disk. Taken once
+    at load: cache keys of a model without a `revision` change when its weights are
+    replaced in place."""
+    directory = source if os.path.isdir(source) else None
+    if directory is None:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(source, "config.json")
+        except Exception:  # not a repo id, or no cache: nothing to fingerprint
+            return None
+        if not isinstance(found, str):
+            return None
+        directory = os.path.dirname(found)
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(directory):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            stat = os.stat(path)  # follows the hub cache's symlinks to the blobs
+            digest.update(f"{os.path.relpath(path, directory)}\0{stat.st_size}\0"
+                          f"{stat.st_mtime_ns}\n".encode())
+    return "weights:" + digest.hexdigest()[:32]
 
 
 def _freeze_gc() -> None:

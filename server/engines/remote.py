@@ -3,15 +3,23 @@
 Speaks the OpenAI API (vLLM, TGI, Ollama, `transformers serve`, another llmctl) and,
 with `api: llmctl`, llmctl's own /v1/generate for plain text prompts. Connection
 errors are retried (httpx transport retries cover connect failures only, never a
-request the remote may have started); timeouts come from the model's entry.
-Token counts are the ones the remote reports. Every request is counted in the
-llmctl_backend_* metrics (requests, errors by reason, duration).
+request the remote may have started). Timeouts come from the model's (or backend's)
+entry: `connect_timeout`, `first_byte_timeout` (until the response starts: for a
+non-streamed request that is the whole generation on most servers), `total_timeout`
+(the whole request), and `timeout`, the longest silence between two reads.
+Token counts are the ones the remote reports (the gateway caps them to each request's
+bound, server/api/bounds.py); with `tokenizer:` in the model's entry the gateway counts
+prompts itself with that tokenizer. Usage that is not a non-negative integer is a
+malformed response (502), never a number to charge.
+Every request is counted in the llmctl_backend_* metrics (requests, errors by reason,
+duration), under the backend's name when the model has replicas (server/engines/router.py).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -27,6 +35,7 @@ from server.engines.base import (
     StreamDelta,
     TokenLogprob,
 )
+from server.engines.tokenizer import Counter
 from server.errors import (
     InvalidRequest,
     LlmctlError,
@@ -72,13 +81,30 @@ def backend_reason(exc: LlmctlError) -> str:
     return getattr(exc, "backend_reason", "server_error")
 
 
+def _usage(usage, default_completion: int = 0) -> tuple[int, int]:
+    """(prompt, completion) tokens the remote reported; ValueError unless each is a
+    non-negative integer (a bool is not one)."""
+    counts = []
+    for name, default in (("prompt_tokens", 0), ("completion_tokens", default_completion)):
+        value = usage.get(name, default) if isinstance(usage, dict) else default
+        if type(value) is not int or value < 0:
+            raise ValueError(f"usage.{name} is {value!r}")
+        counts.append(value)
+    return counts[0], counts[1]
+
+
+def _reason(exc: Exception) -> str:
+    """What was wrong, in a few words: our own usage message, else the error's kind."""
+    return str(exc) if str(exc).startswith("usage.") else exc.__class__.__name__
+
+
 class HttpLLMClient(ModelEngine):
     def __init__(self, spec: ModelSpec, transport: httpx.AsyncBaseTransport | None = None):
         self.spec = spec
         self.model_id = spec.id
         self.base_url = _base(spec.base_url or "")
         headers = {}
-        secret = os.environ.get(spec.api_key_env) if spec.api_key_env else None
+        secret = spec.api_key
         if secret:
             headers["Authorization"] = f"Bearer {secret}"
         self._client = httpx.AsyncClient(
@@ -88,18 +114,27 @@ class HttpLLMClient(ModelEngine):
             transport=transport or httpx.AsyncHTTPTransport(retries=2),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
         )
-        # The configured URL (bounded), without any credentials in it.
-        url = httpx.URL(self.base_url)
-        self.backend = str(url.copy_with(userinfo=b"")) if url.userinfo else self.base_url
-        self._requests = metrics.BACKEND_REQUESTS.labels(spec.name, self.backend)
-        self._duration = metrics.BACKEND_LATENCY.labels(spec.name, self.backend)
-        for reason in metrics.BACKEND_ERROR_REASONS:
-            metrics.BACKEND_ERRORS.labels(spec.name, self.backend, reason)
+        self._tokenizer = Counter(spec.tokenizer, spec.name) if spec.tokenizer else None
+        # The backend label: host and port (bounded, no credentials), as the router
+        # names an unnamed backend, unless the router gives its name (meter_as).
+        self.backend = httpx.URL(self.base_url).netloc.decode()
+        self._series: tuple | None = None
+
+    def meter_as(self, backend: str) -> None:
+        """Record this client's llmctl_backend_* series under `backend`."""
+        self.backend, self._series = backend, None
 
     @contextmanager
     def _observed(self) -> Iterator[None]:
         """Count one request to the backend, its duration and its error, if any."""
-        self._requests.inc()
+        if self._series is None:  # bound at the first request, once its name is final
+            labels = (self.spec.name, self.backend)
+            for reason in metrics.BACKEND_ERROR_REASONS:
+                metrics.BACKEND_ERRORS.labels(*labels, reason)
+            self._series = (metrics.BACKEND_REQUESTS.labels(*labels),
+                            metrics.BACKEND_LATENCY.labels(*labels))
+        requests, duration = self._series
+        requests.inc()
         start = time.perf_counter()
         try:
             yield
@@ -108,14 +143,27 @@ class HttpLLMClient(ModelEngine):
                                           backend_reason(exc)).inc()
             raise
         finally:
-            self._duration.observe(time.perf_counter() - start)
+            duration.observe(time.perf_counter() - start)
 
     async def start(self) -> None:
-        return None
+        if self._tokenizer is not None:
+            await asyncio.to_thread(self._tokenizer.load)
 
     @property
     def max_context(self) -> int | None:
         return self.spec.max_context
+
+    @property
+    def longest_token(self) -> int | None:
+        return self._tokenizer.longest if self._tokenizer is not None else None
+
+    def count_tokens(self, text: str, *, add_special_tokens: bool = True) -> int | None:
+        if self._tokenizer is None:
+            return None
+        return self._tokenizer.count(text, add_special_tokens=add_special_tokens)
+
+    def render_chat(self, messages: list[dict]) -> str | None:
+        return self._tokenizer.render_chat(messages) if self._tokenizer is not None else None
 
     # --- request building
 
@@ -148,6 +196,22 @@ class HttpLLMClient(ModelEngine):
         if request.echo_logprobs:
             body["echo"] = True
         return "/v1/completions", body
+
+    def _timed_out(self, what: str, seconds: float) -> UpstreamError:
+        return UpstreamError(f"remote model {self.spec.name!r} at {self.base_url} {what} "
+                             f"({seconds:g}s)", code="upstream_timeout")
+
+    async def _send(self, route: str, body: dict) -> httpx.Response:
+        """POST, and wait for the response to start within the first-byte timeout.
+        The caller reads and closes the response."""
+        request = self._client.build_request("POST", route, json=body)
+        limit = self.spec.first_byte_timeout
+        try:
+            async with asyncio.timeout(limit):
+                return await self._client.send(request, stream=True)
+        except TimeoutError:
+            raise self._timed_out("sent nothing within its first-byte timeout",
+                                  limit) from None
 
     def _error(self, exc: Exception) -> LlmctlError:
         where = f"remote model {self.spec.name!r} at {self.base_url}"
@@ -182,9 +246,7 @@ class HttpLLMClient(ModelEngine):
 
     def _completion(self, route: str, data: dict, request: EngineRequest,
                     elapsed: float) -> Completion:
-        usage = data.get("usage") or {}
-        prompt_tokens = usage.get("prompt_tokens", 0)
-        completion_tokens = usage.get("completion_tokens", 0)
+        prompt_tokens, completion_tokens = _usage(data.get("usage") or {})
         if route == "/v1/generate":
             return Completion(text=data["text"], finish_reason=data.get("finish_reason", "stop"),
                               prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
@@ -219,26 +281,41 @@ class HttpLLMClient(ModelEngine):
         start = time.perf_counter()
         with self._observed():
             try:
-                response = await self._client.post(route, json=body)
+                async with asyncio.timeout(self.spec.total_timeout):
+                    response = await self._send(route, body)
+                    try:
+                        await self._raise_for(response)
+                        await response.aread()
+                    finally:
+                        await response.aclose()
             except httpx.HTTPError as exc:
                 raise self._error(exc) from None
-            await self._raise_for(response)
+            except TimeoutError:
+                raise self._timed_out("did not finish within its total timeout",
+                                      self.spec.total_timeout) from None
             try:
                 return self._completion(route, response.json(), request,
                                         time.perf_counter() - start)
-            except (ValueError, KeyError, IndexError, TypeError):
+            except (ValueError, KeyError, IndexError, TypeError) as exc:
                 raise _malformed(f"remote model {self.spec.name!r} sent a malformed "
-                                 "response") from None
+                                 f"response ({_reason(exc)})") from None
 
     async def stream(self, request: EngineRequest) -> AsyncIterator[StreamDelta | Completion]:
         route, body = self._route_and_body(request, stream=True)
         start = time.perf_counter()
         text, finish, usage, ttft = [], "stop", {}, None
+        # Checked between events: a stream's consumer may change tasks, which
+        # asyncio.timeout does not allow; a silent remote is caught by `timeout`.
+        deadline = start + (self.spec.total_timeout or float("inf"))
         with self._observed():
             try:
-                async with self._client.stream("POST", route, json=body) as response:
+                response = await self._send(route, body)
+                async with contextlib.aclosing(response):
                     await self._raise_for(response)
                     async for line in response.aiter_lines():
+                        if time.perf_counter() > deadline:
+                            raise self._timed_out("did not finish within its total timeout",
+                                                  self.spec.total_timeout)
                         if not line.startswith("data:"):
                             continue
                         payload = line[5:].strip()
@@ -260,12 +337,16 @@ class HttpLLMClient(ModelEngine):
                             yield StreamDelta(text=piece)
             except httpx.HTTPError as exc:
                 raise self._error(exc) from None
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError) as exc:
                 raise _malformed(f"remote model {self.spec.name!r} sent a malformed "
-                                 "stream") from None
-        yield Completion(text="".join(text), finish_reason=finish,
-                         prompt_tokens=usage.get("prompt_tokens", 0),
-                         completion_tokens=usage.get("completion_tokens", len(text)), ttft_s=ttft)
+                                 f"stream ({_reason(exc)})") from None
+            try:
+                prompt_tokens, completion_tokens = _usage(usage, len(text))
+            except ValueError as exc:
+                raise _malformed(f"remote model {self.spec.name!r} sent a malformed "
+                                 f"stream ({_reason(exc)})") from None
+        yield Completion(text="".join(text), finish_reason=finish, prompt_tokens=prompt_tokens,
+                         completion_tokens=completion_tokens, ttft_s=ttft)
 
     @staticmethod
     def _piece(route: str, event: dict) -> tuple[str, str | None]:

@@ -365,7 +365,7 @@ class _PrefillGroup:
 
 
 class Scheduler:
-    """The loop thread and its queues. `submit` and `cancel` are thread-safe."""
+    """The loop thread and its queues. `submit_all` and `cancel` are thread-safe."""
 
     def __init__(self, model, tokenizer, *, device: torch.device, max_batch_size: int,
                  max_queue: int, eos_ids: set[int], pad_id: int,
@@ -441,18 +441,23 @@ class Scheduler:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
-    def submit(self, seq: Sequence) -> bool:
-        """Queue `seq`; False (and nothing queued) when the batch and queue are full."""
+    def submit_all(self, seqs: list[Sequence]) -> bool:
+        """Queue all of `seqs` (the choices of one API request) or none: False, and
+        nothing queued, when they do not all fit in the batch and queue. Admitting them
+        one by one let the first parts run on, free of charge, after a later part was
+        refused (issue 15)."""
         with self._lock:
-            if self._stopping or self.stats.inflight >= self.max_batch_size + self.max_queue:
-                self.stats.rejected += 1
+            if (self._stopping or self.stats.inflight + len(seqs)
+                    > self.max_batch_size + self.max_queue):
+                self.stats.rejected += len(seqs)
                 return False
-            self.stats.inflight += 1
-            self.stats.submitted += 1
-            seq.trace = RequestTrace(seq.request_id, submitted_step=self.stats.steps)
-            self._remember(seq.trace)
-            self._note_arrival()
-        self._incoming.append(seq)
+            for seq in seqs:
+                self.stats.inflight += 1
+                self.stats.submitted += 1
+                seq.trace = RequestTrace(seq.request_id, submitted_step=self.stats.steps)
+                self._remember(seq.trace)
+                self._note_arrival()
+            self._incoming.extend(seqs)
         self._wake.set()
         return True
 

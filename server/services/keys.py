@@ -11,10 +11,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import re
 import secrets
 from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from sqlalchemy import bindparam, or_, select
 from sqlalchemy.exc import IntegrityError
@@ -23,25 +22,12 @@ from server.db.tables import ApiKey, utcnow
 from server.errors import AuthenticationError, Conflict, InvalidRequest, NotFound
 from server.services.memo import MISSING
 from server.services.sqlitereader import SqliteReader
+from server.validation import check_int, is_int, parse_duration
 
 SECRET_PREFIX = "llm_"
 PREFIX_LEN = 12  # "llm_" + 8 characters shown in lists and logs
 ROLES = ("admin", "user")
 LIMIT_FIELDS = ("rpm", "tpm", "max_concurrency", "monthly_token_quota")
-
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-
-
-def parse_duration(text: str, *, param: str = "expires") -> timedelta:
-    """'90d', '12h', '30m', '2w', '45s' → timedelta."""
-    match = _DURATION.match(text or "")
-    if not match or int(match.group(1)) <= 0:
-        raise InvalidRequest(
-            f"{param}: {text!r} is not a duration like 30d, 12h, 15m or 2w", param=param
-        )
-    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
-
 
 def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
@@ -113,8 +99,10 @@ def _check_limits(limits: dict) -> dict:
     for field, value in limits.items():
         if field not in LIMIT_FIELDS:
             raise InvalidRequest(f"{field}: not a key limit", param=field)
-        if value is not None and (not isinstance(value, int) or value < 0):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
             raise InvalidRequest(f"{field}: must be a non-negative integer", param=field)
+        if value is not None:
+            check_int(value, param=field)
     return limits
 
 
@@ -153,7 +141,7 @@ def create_key(db, *, name: str, role: str = "user", models: list[str] | None = 
 def _find_row(s, ref: str | int) -> ApiKey:
     """A key by id, name or prefix; ambiguity is an error, not a guess."""
     ref = str(ref).strip()
-    if ref.isdigit():
+    if is_int(ref):
         row = s.get(ApiKey, int(ref))
         if row:
             return row

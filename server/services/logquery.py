@@ -10,7 +10,11 @@ A log entry as returned (`search` leaves out `prompt` and `output`):
     {"id", "request_id", "created_at", "key_id", "key_name", "model", "route",
      "status", "stream", "prompt_tokens", "completion_tokens", "total_tokens",
      "charged_tokens", "latency_ms", "ttft_ms", "cached", "cache_status",
-     "finish_reason", "error_type", "error_message"[, "prompt", "output"]}
+     "finish_reason", "error_type", "error_message"[, "backend", "attempts", "prompt",
+     "output"]}
+
+`show` and `export` add the backend that answered and the attempts it took (models
+with replicas) to the prompt and output.
 
 A search result: {"items": [entry, ...], "next_cursor": str | null, "limit": int}.
 """
@@ -31,13 +35,14 @@ from sqlalchemy import and_, delete, func, or_, select
 from server.db.tables import ApiKey, RequestLog, utcnow
 from server.errors import InvalidRequest, NotFound
 from server.services import keys as keysvc
+from server.validation import INT64_MAX, check_int, is_int, parse_duration
 
 MAX_LIMIT = 1000
 FIELDS = ("id", "request_id", "created_at", "key_id", "key_name", "model", "route", "status",
           "stream", "prompt_tokens", "completion_tokens", "total_tokens", "charged_tokens",
           "latency_ms", "ttft_ms", "cached", "cache_status", "finish_reason", "error_type",
           "error_message")
-FULL_FIELDS = (*FIELDS, "prompt", "output")
+FULL_FIELDS = (*FIELDS, "backend", "attempts", "prompt", "output")
 _STATUS_CLASS = re.compile(r"^([1-5])xx$")
 
 
@@ -48,14 +53,17 @@ def parse_time(value: str | datetime | None, param: str) -> datetime | None:
     if value is None or isinstance(value, datetime):
         return value.astimezone(UTC).replace(tzinfo=None) if value and value.tzinfo else value
     text = value.strip()
-    if re.match(r"^\d+\s*[smhdw]$", text):
-        return utcnow() - keysvc.parse_duration(text, param=param)
+    if re.fullmatch(r"[0-9]+\s*[smhdw]", text, re.ASCII):
+        return utcnow() - parse_duration(text, param=param)
     try:
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise InvalidRequest(f"{param}: {value!r} is not an ISO date-time or an age like 15m, "
                              "24h, 7d", param=param) from None
-    return parsed.astimezone(UTC).replace(tzinfo=None) if parsed.tzinfo else parsed
+    try:
+        return parsed.astimezone(UTC).replace(tzinfo=None) if parsed.tzinfo else parsed
+    except OverflowError:  # year 1 with a positive offset, year 9999 with a negative one
+        raise InvalidRequest(f"{param}: {value!r} is out of range in UTC", param=param) from None
 
 
 def status_condition(status: str | int | None):
@@ -63,7 +71,7 @@ def status_condition(status: str | int | None):
     if status is None or status == "":
         return None
     text = str(status).strip().lower()
-    if text.isdigit():
+    if is_int(text):
         return RequestLog.status == int(text)
     if match := _STATUS_CLASS.match(text):
         low = int(match.group(1)) * 100
@@ -85,7 +93,9 @@ def _decode_cursor(cursor: str) -> tuple[datetime, int]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created, row_id = json.loads(raw)
-        return datetime.fromisoformat(created), int(row_id)
+        if not isinstance(row_id, int) or not 0 <= row_id <= INT64_MAX:
+            raise ValueError(row_id)
+        return datetime.fromisoformat(created), row_id
     except (ValueError, TypeError):
         raise InvalidRequest("cursor: not a cursor returned by a previous page",
                              param="cursor") from None
@@ -122,7 +132,8 @@ def _entry(row: RequestLog, names: dict[int, str], full: bool = False) -> dict:
     data["total_tokens"] = (row.prompt_tokens or 0) + (row.completion_tokens or 0)
     ordered = {f: data[f] for f in FIELDS}
     if full:
-        ordered.update(prompt=row.prompt, output=row.output)
+        ordered.update(backend=row.backend, attempts=row.attempts, prompt=row.prompt,
+                       output=row.output)
     return ordered
 
 
@@ -179,6 +190,7 @@ def show(db, request_id: str) -> dict:
 
 def tail(db, n: int = 20) -> list[dict]:
     """The last `n` entries written, oldest first."""
+    check_int(n, param="lines", minimum=1)
     with db.session() as s:
         rows = list(s.scalars(select(RequestLog).order_by(RequestLog.id.desc()).limit(n)))[::-1]
         names = _names(s, rows)
@@ -265,7 +277,7 @@ def prune(db, older_than: str | timedelta, *, dry_run: bool = False,
           batch: int = 5000) -> dict:
     """Delete entries older than `older_than` (e.g. '90d'), in batches so writers are
     never blocked for long. Usage aggregates are kept."""
-    age = older_than if isinstance(older_than, timedelta) else keysvc.parse_duration(
+    age = older_than if isinstance(older_than, timedelta) else parse_duration(
         older_than, param="older_than")
     cutoff = utcnow() - age
     old = RequestLog.created_at < cutoff

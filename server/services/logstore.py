@@ -46,6 +46,8 @@ class RequestRecord:
     finish_reason: str | None = None
     error_type: str | None = None
     error_message: str | None = None
+    backend: str | None = None  # "model/backend" that answered (models with replicas)
+    attempts: int | None = None  # backend attempts it took (models with replicas)
     prompt: str | None = None
     output: str | None = None
 
@@ -75,7 +77,7 @@ _TOUCH_KEY = (update(ApiKey).where(ApiKey.id == bindparam("k"))
               .values(last_used_at=bindparam("t")))
 
 
-# Rows per INSERT statement: 19 columns x 200 rows stays far below SQLite's (32,766)
+# Rows per INSERT statement: 21 columns x 200 rows stays far below SQLite's (32,766)
 # and Postgres's (65,535) limits on bound parameters.
 _ROWS_PER_INSERT = 200
 

@@ -30,7 +30,7 @@ from server.services.quotas import current_month
 GROUPINGS = ("key", "model", "month")
 COUNTERS = ("requests", "cached_requests", "prompt_tokens", "completion_tokens",
             "charged_tokens")
-_MONTH = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
+_MONTH = re.compile(r"[0-9]{4}-(0[1-9]|1[0-2])", re.ASCII)
 
 
 def parse_month(month: str | None) -> str | None:
@@ -39,7 +39,7 @@ def parse_month(month: str | None) -> str | None:
         return current_month()
     if month == "all":
         return None
-    if not _MONTH.match(month):
+    if not _MONTH.fullmatch(month):
         raise InvalidRequest(f"month: {month!r} is not YYYY-MM (or 'all')", param="month")
     return month
 

@@ -1,52 +1,31 @@
-"""The mbpp sandbox: hand-verified programs score right, and hostile programs fail
-within their limits while the host and the repository stay untouched."""
+"""The mbpp sandbox: hand-verified programs score right, and runaway programs stop
+at their limits in both modes (test_sandbox_hostile.py: what only bwrap holds)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import socket
 import subprocess
-import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from evalsuite import sandbox
 from evalsuite.tasks.mbpp import FEWSHOT
 
-REPO = Path(__file__).resolve().parents[2]
-PROTECTED = REPO / "evalsuite" / "fixtures"
-
 
 def _mbpp_docs(fixtures):
     return [json.loads(x) for x in (fixtures / "mbpp" / "test.jsonl").read_text().splitlines()]
 
 
-def _digest(directory: Path) -> str:
-    h = hashlib.sha256()
-    for path in sorted(directory.rglob("*")):
-        h.update(str(path.relative_to(directory)).encode())
-        if path.is_file():
-            h.update(path.read_bytes())
-    return h.hexdigest()
+BWRAP = sandbox.SandboxConfig()
+RLIMITS_ONLY = sandbox.SandboxConfig(mode="rlimits-only")
 
 
-MODES = [pytest.param(("isolated", True), id="isolated"),
-         pytest.param(("isolated", False), id="isolated-kernel-only"),
-         pytest.param(("fallback", True), id="fallback")]
-
-
-@pytest.fixture(params=MODES)
-def run(request, monkeypatch):
-    mode, guard = request.param
-    if mode == "fallback":
-        monkeypatch.setenv("LLMCTL_SANDBOX_MODE", "fallback")
-    elif sandbox.mode() != "isolated":
-        pytest.skip("isolated mode needs root and util-linux unshare")
-    return lambda source, **kw: sandbox.run_program(source, guard=guard, **kw)
+@pytest.fixture(params=[pytest.param(BWRAP, id="bwrap"),
+                        pytest.param(RLIMITS_ONLY, id="rlimits-only")])
+def run(request):
+    """Both modes: what they share (limits, timeout, scoring)."""
+    return lambda source, **kw: sandbox.run_program(source, config=request.param, **kw)
 
 
 def test_hand_verified_programs(fixtures):
@@ -95,71 +74,8 @@ def test_memory_hog_fails_at_the_memory_limit(run):
     start = time.monotonic()
     result = run(hog)
     assert not result.passed
-    assert "MemoryError" in result.detail or result.status in ("blocked", "killed")
+    assert "MemoryError" in result.detail or result.status == "killed"
     assert time.monotonic() - start < 4.0
-
-
-def test_write_outside_its_directory_fails(run, tmp_path):
-    host_file = tmp_path / "host.txt"
-    repo_file = REPO / "SANDBOX_ESCAPE.txt"
-    for target in (host_file, repo_file, Path.home() / "SANDBOX_ESCAPE.txt"):
-        program = (f"with open({str(target)!r}, 'w') as f:\n    f.write('escaped')\n"
-                   "def f(x):\n    return x\nassert f(1) == 1\n")
-        result = run(program)
-        assert not result.passed, target
-        assert not target.exists(), target
-    # Its own directory is writable.
-    assert run("open('scratch.txt', 'w').write('ok')\nassert open('scratch.txt').read() == "
-               "'ok'\n").passed
-
-
-def test_network_connection_fails(run):
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(5)
-    server.settimeout(0.2)
-    port = server.getsockname()[1]
-    accepted = []
-    finished = threading.Event()
-
-    def accept():
-        while not finished.is_set():
-            try:
-                conn, _ = server.accept()
-                accepted.append(conn)
-            except OSError:
-                pass
-
-    thread = threading.Thread(target=accept)
-    thread.start()
-    try:
-        program = (f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), "
-                   "timeout=2)\ns.sendall(b'hi')\n")
-        result = run(program)
-    finally:
-        finished.set()
-        thread.join()
-        server.close()
-    assert not result.passed
-    assert not accepted, "the sandboxed program reached a socket on the host"
-
-
-def test_rm_rf_leaves_host_and_repository_untouched(run, tmp_path):
-    canary = tmp_path / "canary"
-    canary.mkdir()
-    (canary / "keep.txt").write_text("keep")
-    os.chmod(tmp_path, 0o755)
-    before = _digest(PROTECTED)
-    # The program passes only if it saw its targets and they are gone afterwards. Where
-    # the repository lies under /tmp (a CI clone), the isolated sandbox's private /tmp
-    # hides it altogether, and the program fails at the first check.
-    program = (f"import os\nassert os.path.exists({str(PROTECTED)!r})\n"
-               f"os.system('rm -rf {canary} {PROTECTED}')\n"
-               f"assert not os.path.exists({str(PROTECTED)!r})\n")
-    result = run(program)
-    assert not result.passed
-    assert (canary / "keep.txt").read_text() == "keep"
-    assert _digest(PROTECTED) == before
 
 
 def test_endless_output_is_bounded(run):
@@ -168,8 +84,8 @@ def test_endless_output_is_bounded(run):
     assert len(result.detail) <= sandbox.OUTPUT_TAIL + 100
 
 
-def test_isolated_mode_is_used_here():
-    """This machine (root, util-linux) gets the namespaces; CI must not silently lose them."""
-    if os.geteuid() != 0:
-        pytest.skip("not root")
-    assert sandbox.mode() == "isolated"
+
+
+def test_its_working_directory_is_writable(run):
+    assert run("open('scratch.txt', 'w').write('ok')\n"
+               "assert open('scratch.txt').read() == 'ok'\n").passed

@@ -1,12 +1,16 @@
 """A real PostgreSQL server for the test session, on a temporary directory and port.
 
 Postgres refuses to run as root, and CI runs as root: its tools run as the
-`postgres` system user on a directory that user owns.
+`postgres` system user on a directory that user owns. `initdb` and `pg_ctl` come
+from PATH or, where Debian's postgresql package keeps them off PATH, from the
+newest /usr/lib/postgresql/N/bin.
 """
 
 from __future__ import annotations
 
+import glob
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -17,9 +21,27 @@ from sqlalchemy import create_engine, text
 
 from tests.plugins.ports import free_port
 
+DEBIAN_BINS = "/usr/lib/postgresql/*/bin"
+INSTALL = "apt-get install -y postgresql"
 
-def _as_postgres(*cmd: str) -> list[str]:
-    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else list(cmd)
+
+def pg_tool(name: str, debian_bins: str = DEBIAN_BINS) -> str:
+    """The path of a PostgreSQL server tool; ValueError naming the package when missing."""
+    found = shutil.which(name)
+    if found:
+        return found
+    by_version = sorted(glob.glob(debian_bins),
+                        key=lambda d: [int(n) for n in re.findall(r"\d+", d)], reverse=True)
+    for bin_dir in by_version:
+        path = os.path.join(bin_dir, name)
+        if os.access(path, os.X_OK):
+            return path
+    raise ValueError(f"PostgreSQL's {name} is not installed: {INSTALL}")
+
+
+def _as_postgres(tool: str, *args: str) -> list[str]:
+    cmd = [pg_tool(tool), *args]
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
 
 class PostgresServer:
@@ -62,6 +84,10 @@ class PostgresServer:
 
 @pytest.fixture(scope="session")
 def postgres_server():
+    try:
+        pg_tool("initdb"), pg_tool("pg_ctl")
+    except ValueError as exc:
+        pytest.fail(str(exc), pytrace=False)
     server = PostgresServer()
     server.start()
     yield server

@@ -25,16 +25,17 @@ import asyncio
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from server.api.deps import State, require_admin
 from server.services import keys as keysvc
 from server.services import logquery, quotas, usage
+from server.validation import Count
 
 # The dependency on the router itself: no admin route can forget it.
 router = APIRouter(prefix="/v1/admin", dependencies=[Depends(require_admin)], tags=["admin"])
 
-Limit = Annotated[int | None, Field(ge=0)]
+Limit = Count | None
 
 
 class KeyCreate(BaseModel):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from server.api import sse
 from server.api.bodies import documented
 from server.api.deps import key_and_body
+from server.api.disconnect import unless_disconnected
 from server.api.protocol import GenerateRequest
 from server.api.serving import CachePolicy
 from server.engines.base import Completion, SamplingParams
@@ -35,11 +38,12 @@ async def generate(request: Request):
                                  policy=policy)
     request_id = request.state.request_id
     if not body.stream:
-        outcome = await gateway.run(key, record, call)
+        outcome = await gateway.run(key, record, call,
+                                       guard=partial(unless_disconnected, request))
         choice = outcome.choices[0]
         content = {
             "id": outcome.id, "object": "generation", "created": outcome.created,
-            "model": call.spec.name, "text": choice.text, "finish_reason": choice.finish_reason,
+            "model": call.model_name, "text": choice.text, "finish_reason": choice.finish_reason,
             "usage": _usage(*gateway.usage(call, outcome)), "request_id": request_id,
         }
         return JSONResponse(content, headers={**outcome.headers,
@@ -51,7 +55,7 @@ async def generate(request: Request):
         async for _, item in events:
             if isinstance(item, Completion):
                 prompt = call.prompt_tokens or item.prompt_tokens
-                yield sse.event({"id": call.id, "object": "generation", "model": call.spec.name,
+                yield sse.event({"id": call.id, "object": "generation", "model": call.model_name,
                                  "text": "", "done": True, "finish_reason": item.finish_reason,
                                  "usage": _usage(prompt, item.completion_tokens),
                                  "request_id": request_id})

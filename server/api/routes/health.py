@@ -2,14 +2,15 @@
 
 /readyz's `models` maps each configured model to loaded, loading, failed or not
 loaded (loads on its first request); a loading model, or a failed default model,
-makes it 503."""
+makes it 503. A model with replicas is ready while at least one of its backends is
+in rotation; its check lists every backend and whether it is."""
 
 from __future__ import annotations
 
 import asyncio
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import metrics
@@ -24,7 +25,8 @@ async def healthz():
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={503: {"description": "Not ready: the same body, with the "
+                                                     "failing checks"}})
 async def readyz(state: State):
     checks: dict[str, dict] = {}
     try:
@@ -43,8 +45,7 @@ async def readyz(state: State):
             checks[f"model:{spec.name}"] = {
                 "ok": False, "reason": state.manager.failure(spec) or status}
         elif engine is not None and status != "failed":
-            ok, reason = await engine.health()
-            checks[f"model:{spec.name}"] = {"ok": ok, "reason": reason}
+            checks[f"model:{spec.name}"] = await state.manager.model_status(engine)
         elif state.settings.preload and spec.type == "local":
             checks[f"model:{spec.name}"] = {"ok": False, "reason": "not loaded yet"}
     if state.redis is not None:
@@ -57,6 +58,8 @@ async def readyz(state: State):
                         status_code=200 if ready else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse,
+            responses={200: {"description": "Prometheus text exposition format",
+                             "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def prometheus_metrics():
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

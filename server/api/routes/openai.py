@@ -7,12 +7,15 @@ which is what lm-evaluation-harness's `local-completions` model reads.
 
 from __future__ import annotations
 
+from functools import partial
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from server.api import sse
 from server.api.bodies import documented
 from server.api.deps import key_and_body
+from server.api.disconnect import unless_disconnected
 from server.api.protocol import ChatCompletionRequest, CompletionRequest
 from server.api.serving import CachePolicy, Call, count_usage
 from server.engines.base import Completion, SamplingParams, TokenLogprob
@@ -83,7 +86,8 @@ async def completions(request: Request):
         echo_logprobs=body.echo, policy=CachePolicy.from_headers(
             request.headers, state.settings.cache_enabled))
     if not body.stream:
-        outcome = await gateway.run(key, record, call)
+        outcome = await gateway.run(key, record, call,
+                                       guard=partial(unless_disconnected, request))
         choices = []
         for index, c in enumerate(outcome.choices):
             text = (c.prompt_text or "") + c.text if body.echo else c.text
@@ -94,7 +98,7 @@ async def completions(request: Request):
             choices.append({"index": index, "text": text, "logprobs": logprobs,
                             "finish_reason": c.finish_reason})
         content = {"id": outcome.id, "object": "text_completion", "created": outcome.created,
-                   "model": call.spec.name, "choices": choices,
+                   "model": call.model_name, "choices": choices,
                    "usage": _usage(*gateway.usage(call, outcome))}
         return JSONResponse(content, headers=_headers(outcome.headers, outcome.cache_status))
 
@@ -109,7 +113,7 @@ def _chunker(call: Call, object_name: str, include_usage: bool):
     (null until the last, OpenAI's framing)."""
     def chunk(choices: list, usage: dict | None = None) -> str:
         data = {"id": call.id, "object": object_name, "created": call.created,
-                "model": call.spec.name, "choices": choices}
+                "model": call.model_name, "choices": choices}
         if include_usage:
             data["usage"] = usage
         return sse.event(data)
@@ -158,7 +162,8 @@ async def chat_completions(request: Request):
         messages=messages, n=body.n, max_tokens_field=field,
         prompt_field="messages", fit_context=asked is None, policy=policy, extra=extra)
     if not body.stream:
-        outcome = await gateway.run(key, record, call)
+        outcome = await gateway.run(key, record, call,
+                                       guard=partial(unless_disconnected, request))
         choices = [{
             "index": index,
             "message": _message(c),
@@ -166,7 +171,7 @@ async def chat_completions(request: Request):
             "finish_reason": c.finish_reason,
         } for index, c in enumerate(outcome.choices)]
         content = {"id": outcome.id, "object": "chat.completion", "created": outcome.created,
-                   "model": call.spec.name, "choices": choices,
+                   "model": call.model_name, "choices": choices,
                    "usage": _usage(*gateway.usage(call, outcome))}
         return JSONResponse(content, headers=_headers(outcome.headers, outcome.cache_status))
 
