@@ -117,24 +117,29 @@ class HttpLLMClient(ModelEngine):
         self._tokenizer = Counter(spec.tokenizer, spec.name) if spec.tokenizer else None
         # The backend label: host and port (bounded, no credentials), as the router
         # names an unnamed backend, unless the router gives its name (meter_as).
-        self.backend = httpx.URL(self.base_url).netloc.decode()
-        self._series: tuple | None = None
+        self.backend = ""
+        self.meter_as(httpx.URL(self.base_url).netloc.decode())
 
     def meter_as(self, backend: str) -> None:
-        """Record this client's llmctl_backend_* series under `backend`."""
-        self.backend, self._series = backend, None
+        """Record this client's llmctl_backend_* series under `backend`. They are
+        created now, at 0, so that rate() sees the first requests; the previous
+        name's series go."""
+        families = (metrics.BACKEND_REQUESTS, metrics.BACKEND_LATENCY)
+        if self.backend and self.backend != backend:
+            with contextlib.suppress(KeyError):  # another client may have removed them
+                for family in families:
+                    family.remove(self.spec.name, self.backend)
+                for reason in metrics.BACKEND_ERROR_REASONS:
+                    metrics.BACKEND_ERRORS.remove(self.spec.name, self.backend, reason)
+        self.backend = backend
+        for reason in metrics.BACKEND_ERROR_REASONS:
+            metrics.BACKEND_ERRORS.labels(self.spec.name, backend, reason)
+        self._requests, self._duration = (f.labels(self.spec.name, backend) for f in families)
 
     @contextmanager
     def _observed(self) -> Iterator[None]:
         """Count one request to the backend, its duration and its error, if any."""
-        if self._series is None:  # bound at the first request, once its name is final
-            labels = (self.spec.name, self.backend)
-            for reason in metrics.BACKEND_ERROR_REASONS:
-                metrics.BACKEND_ERRORS.labels(*labels, reason)
-            self._series = (metrics.BACKEND_REQUESTS.labels(*labels),
-                            metrics.BACKEND_LATENCY.labels(*labels))
-        requests, duration = self._series
-        requests.inc()
+        self._requests.inc()
         start = time.perf_counter()
         try:
             yield
@@ -143,7 +148,7 @@ class HttpLLMClient(ModelEngine):
                                           backend_reason(exc)).inc()
             raise
         finally:
-            duration.observe(time.perf_counter() - start)
+            self._duration.observe(time.perf_counter() - start)
 
     async def start(self) -> None:
         if self._tokenizer is not None:

@@ -148,6 +148,9 @@ def _traffic(gw: LiveServer, keys: dict[str, str], pg: PostgresServer) -> tuple[
         "prompt": "generate", "max_new_tokens": 6, "stream": True}).status_code
     statuses["relay"] = post("/v1/completions", {**completion, "model": "relay",
                                                  "prompt": "relayed"}).status_code
+    # The relay's engine (and its backend series) came with its first request: let a
+    # scrape see them before the next one, or rate() has no increase to show.
+    time.sleep(2.5)
     statuses["relay_stream"] = post("/v1/completions", {
         **completion, "model": "relay", "prompt": "relayed stream", "stream": True}).status_code
     statuses["gone"] = post("/v1/completions", {**completion, "model": "gone"}).status_code
