@@ -16,7 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from llmctl import output
-from llmctl.commands import bench, cache, db, keys, logs, models, quotas, serve, usage
+from llmctl.commands import bench, cache, db, keys, logs, models, quotas, serve, top, usage
 from llmctl.commands import eval as eval_cmd
 from server.errors import LlmctlError
 
@@ -86,6 +86,7 @@ def _root(version: Annotated[bool, typer.Option(
 
 app.command("serve")(serve.serve)
 app.command("usage")(usage.usage)
+app.command("top")(top.top)
 for module, name in [(keys, "keys"), (models, "models"), (db, "db"), (quotas, "quotas"),
                      (logs, "logs"), (cache, "cache"), (bench, "bench"), (eval_cmd, "eval")]:
     app.add_typer(module.app, name=name)

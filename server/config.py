@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     # How long a request's quota reservation lives unless its gateway renews it: what a
     # killed gateway's requests hold until any replica reclaims it.
     quota_lease_seconds: float = Field(default=60.0, gt=0)
+    # Per-key token counters in /metrics (labelled by key id): off by default, since
+    # their series grow with the number of keys.
+    metrics_per_key: bool = False
     # Largest request body accepted, in bytes; larger ones get 413 before they are read.
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     # --- redis
@@ -290,7 +293,8 @@ class ModelsConfig(BaseModel):
 def _backend_name(spec: ModelSpec) -> str:
     if spec.type == "remote" and spec.base_url:
         url = urlsplit(spec.base_url)
-        return url.netloc or spec.base_url
+        # Without credentials: the name is a metrics label and shown by /v1/backends.
+        return url.netloc.rpartition("@")[2] or spec.base_url
     return "local"
 
 

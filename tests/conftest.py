@@ -12,6 +12,7 @@ pytest_plugins = [
     "tests.plugins.redis",
     "tests.plugins.models",
     "tests.plugins.live",
+    "tests.plugins.operated",
     "tests.plugins.fakeremote",
     "tests.plugins.fakebackend",
 ]

@@ -13,7 +13,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from server.api import bodies, errors, metrics
+from server import metrics
+from server.api import bodies, errors
 from server.api.bodylimit import BodyLimitMiddleware
 from server.api.direct import DirectRoutes, direct_routes
 from server.api.drain import Drain, DrainMiddleware
@@ -71,7 +72,7 @@ def create_app(settings: Settings | None = None, models: ModelsConfig | None = N
                          key_lookup=key_lookup)
         state.gateway = Gateway(settings, manager, limiter=limiter, cache=state.cache)
         app.state.llmctl = state
-        metrics.watch_engines(manager)
+        metrics.watch(manager)
         metrics.watch_evals(lambda: evalscores.latest_scores(db))
         if settings.preload:
             await manager.preload()

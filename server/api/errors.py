@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server import metrics
 from server.db.engine import unreachable
 from server.errors import DatabaseError, InvalidRequest, LlmctlError
 
@@ -18,6 +19,7 @@ log = logging.getLogger("llmctl.api")
 
 
 def error_response(exc: LlmctlError, request: Request | None = None) -> JSONResponse:
+    metrics.observe_error(exc)
     if request is not None:
         record = getattr(request.state, "record", None)
         if record is not None:

@@ -13,10 +13,12 @@ import os
 import re
 import time
 
-from server.api import metrics
+from server import metrics
 from server.services.logstore import RequestRecord
 
 _JSON = (b"content-type", b"application/json")
+# Probes and scrapes are not client traffic: no request id, no metrics, no log row.
+_PROBES = frozenset(("/metrics", "/healthz", "/readyz"))
 
 
 def _as_json(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -57,7 +59,7 @@ class RequestContextMiddleware:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] in _PROBES:
             return await self.app(scope, receive, send)
         request_id = request_id_from(scope["headers"])
         logged = scope["path"].startswith("/v1/")
@@ -97,7 +99,8 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             model = (record.model if record else None) or ""
-            metrics.observe_request(route, model, status, elapsed)
+            cache = (record.cache_status if record else None) or "none"
+            metrics.observe_request(route, model, status, cache, elapsed)
             if record is not None and logstore is None and finish_record() is not None:
                 logstore.submit(record)
 

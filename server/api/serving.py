@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from server.api import metrics
+from server import metrics
 from server.api.bounds import Usage, byte_bound, capped_usage, hopeless
 from server.api.tokencounts import TokenCounts
 from server.config import ModelSpec
@@ -238,7 +238,7 @@ class Gateway:
         request — the engine answers and the cache is only written."""
         if cache_key is None or not call.policy.lookup:
             if self.cache is not None:
-                self.cache.record_bypass()
+                self.cache.record_bypass(call.spec.name)
             value = await self._generate_all(call)
             if cache_key is not None and call.policy.store and not call.fell_back:
                 await self.cache.put(cache_key, value)
@@ -281,8 +281,12 @@ class Gateway:
             record.finish_reason = outcome.choices[0].finish_reason if outcome.choices else None
             record.output = "\n".join(c.text for c in outcome.choices)
         if outcome.cache_status != "hit":
-            metrics.PROMPT_TOKENS.labels(call.spec.name).inc(prompt_tokens)
-            metrics.GENERATION_TOKENS.labels(call.spec.name).inc(completion_tokens)
+            series = metrics.model_series(call.spec.name)
+            series.prompt_tokens.inc(prompt_tokens)
+            series.generation_tokens.inc(completion_tokens)
+        if self.settings.metrics_per_key and record is not None and record.key_id is not None:
+            metrics.observe_key_tokens(record.key_id, call.spec.name, prompt_tokens,
+                                       completion_tokens)
 
     @staticmethod
     def _overreported(record: RequestRecord | None, call: Call, tokens: int) -> None:
@@ -296,6 +300,14 @@ class Gateway:
     async def _generate_all(self, call: Call) -> dict:
         # Admitted as a whole by the engine, and cancelled as a whole when one fails.
         choices = await call.engine.generate_all(call.requests)
+        series = metrics.model_series(call.spec.name)
+        done = time.perf_counter() - call.started
+        for choice in choices:
+            # The engine's TTFT counts from its own start (local: the submit); the rest
+            # of the time until the batch returned is decoding.
+            ttft = choice.ttft_s
+            series.generated(ttft, None if ttft is None else done - ttft,
+                             choice.completion_tokens, choice.finish_reason)
         return Outcome(call.id, call.created, list(choices), "miss", {}).cache_value(
             call.model_name if call.fell_back else None)
 
@@ -379,7 +391,7 @@ class Gateway:
                     return headers, "hit", self._replay(record, call, outcome, admission)
                 status = "miss"
             elif self.cache is not None:
-                self.cache.record_bypass()
+                self.cache.record_bypass(call.spec.name)
             merged = _merge(await call.engine.stream_all(call.requests))
             first = await anext(merged)  # surfaces Overloaded etc. before the response
             headers.update(call.route_headers(record))
@@ -412,7 +424,10 @@ class Gateway:
         finals: dict[int, Completion] = {}
         produced = 0
         ttft = None
+        # Per choice: (time of its first token, of its latest token, tokens so far).
+        timing: dict[int, list] = {}
         charged = 0
+        series = metrics.model_series(call.spec.name)
         try:
             event = first
             while True:
@@ -420,9 +435,17 @@ class Gateway:
                 if isinstance(item, Completion):
                     finals[index] = item
                 elif item.text or item.token_ids:
-                    produced += max(1, len(item.token_ids))
+                    tokens = max(1, len(item.token_ids))
+                    produced += tokens
+                    now = time.perf_counter()
                     if ttft is None:
-                        ttft = time.perf_counter() - call.started
+                        ttft = now - call.started
+                    t = timing.get(index)
+                    if t is None:
+                        timing[index] = [now, now, tokens]
+                    else:
+                        t[1] = now
+                        t[2] += tokens
                 yield event
                 try:
                     event = await anext(merged)
@@ -430,8 +453,11 @@ class Gateway:
                     break
             outcome = Outcome(call.id, call.created, [finals[i] for i in sorted(finals)], status,
                               {})
-            if ttft is not None:
-                metrics.TTFT.labels(call.spec.name).observe(ttft)
+            for i, final in finals.items():
+                first_at, last_at, tokens = timing.get(i) or (None, None, 0)
+                series.generated(None if first_at is None else first_at - call.started,
+                                 None if first_at is None else last_at - first_at,
+                                 tokens, final.finish_reason)
             if record is not None:
                 record.stream = True
                 record.ttft_ms = ttft * 1000 if ttft is not None else None
@@ -451,6 +477,7 @@ class Gateway:
             # and what was produced is still charged (never past the reservation) and
             # logged.
             charged = _cut_short(record, call, produced, 499, "client_disconnected", None)
+            series.finished("abort", len(call.requests) - len(finals))
             raise
         except LlmctlError as exc:
             if flight is not None:

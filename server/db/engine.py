@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import (
     ArgumentError,
     DBAPIError,
@@ -111,6 +111,18 @@ class Database:
             except BaseException:
                 session.rollback()
                 raise
+
+    @contextmanager
+    def connect(self) -> Iterator[Connection]:
+        """A plain connection, for Core reads on the request path; an unreachable
+        database raises DatabaseError (a 503), as in `session()`."""
+        try:
+            with self.engine.connect() as conn:
+                yield conn
+        except DBAPIError as exc:
+            if unreachable(exc):
+                raise DatabaseError(self._unreachable(exc)) from None
+            raise
 
     def _unreachable(self, exc: Exception) -> str:
         reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]

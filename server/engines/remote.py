@@ -11,6 +11,8 @@ Token counts are the ones the remote reports (the gateway caps them to each requ
 bound, server/api/bounds.py); with `tokenizer:` in the model's entry the gateway counts
 prompts itself with that tokenizer. Usage that is not a non-negative integer is a
 malformed response (502), never a number to charge.
+Every request is counted in the llmctl_backend_* metrics (requests, errors by reason,
+duration), under the backend's name when the model has replicas (server/engines/router.py).
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 
 import httpx
 
+from server import metrics
 from server.config import ModelSpec
 from server.engines.base import (
     Completion,
@@ -56,6 +60,25 @@ def _logprobs(lp: dict | None, start: int = 0, stop: int | None = None) -> list[
     offsets = lp.get("text_offset") or [0] * len(tokens)
     return [TokenLogprob(token=t, token_id=None, logprob=v, top=top or {}, offset=o)
             for t, v, top, o in list(zip(tokens, values, tops, offsets, strict=False))[start:stop]]
+
+
+def _malformed(what: str) -> UpstreamError:
+    err = UpstreamError(what)
+    err.backend_reason = "malformed"
+    return err
+
+
+def backend_reason(exc: LlmctlError) -> str:
+    """The llmctl_backend_errors_total reason for an error this client raised."""
+    if isinstance(exc, RateLimited):
+        return "rate_limited"
+    if exc.code == "upstream_unreachable":
+        return "unreachable"
+    if exc.code == "upstream_timeout":
+        return "timeout"
+    if exc.status_code < 500:
+        return "client_error"
+    return getattr(exc, "backend_reason", "server_error")
 
 
 def _usage(usage, default_completion: int = 0) -> tuple[int, int]:
@@ -92,6 +115,40 @@ class HttpLLMClient(ModelEngine):
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
         )
         self._tokenizer = Counter(spec.tokenizer, spec.name) if spec.tokenizer else None
+        # The backend label: host and port (bounded, no credentials), as the router
+        # names an unnamed backend, unless the router gives its name (meter_as).
+        self.backend = ""
+        self.meter_as(httpx.URL(self.base_url).netloc.decode())
+
+    def meter_as(self, backend: str) -> None:
+        """Record this client's llmctl_backend_* series under `backend`. They are
+        created now, at 0, so that rate() sees the first requests; the previous
+        name's series go."""
+        families = (metrics.BACKEND_REQUESTS, metrics.BACKEND_LATENCY)
+        if self.backend and self.backend != backend:
+            with contextlib.suppress(KeyError):  # another client may have removed them
+                for family in families:
+                    family.remove(self.spec.name, self.backend)
+                for reason in metrics.BACKEND_ERROR_REASONS:
+                    metrics.BACKEND_ERRORS.remove(self.spec.name, self.backend, reason)
+        self.backend = backend
+        for reason in metrics.BACKEND_ERROR_REASONS:
+            metrics.BACKEND_ERRORS.labels(self.spec.name, backend, reason)
+        self._requests, self._duration = (f.labels(self.spec.name, backend) for f in families)
+
+    @contextmanager
+    def _observed(self) -> Iterator[None]:
+        """Count one request to the backend, its duration and its error, if any."""
+        self._requests.inc()
+        start = time.perf_counter()
+        try:
+            yield
+        except LlmctlError as exc:
+            metrics.BACKEND_ERRORS.labels(self.spec.name, self.backend,
+                                          backend_reason(exc)).inc()
+            raise
+        finally:
+            self._duration.observe(time.perf_counter() - start)
 
     async def start(self) -> None:
         if self._tokenizer is not None:
@@ -168,7 +225,9 @@ class HttpLLMClient(ModelEngine):
         if isinstance(exc, httpx.TimeoutException):
             return UpstreamError(f"{where} timed out after {self.spec.timeout:g}s",
                                  code="upstream_timeout")
-        return UpstreamError(f"{where} failed: {exc.__class__.__name__}")
+        err = UpstreamError(f"{where} failed: {exc.__class__.__name__}")
+        err.backend_reason = "transport"
+        return err
 
     async def _raise_for(self, response: httpx.Response) -> None:
         if response.status_code < 400:
@@ -225,25 +284,26 @@ class HttpLLMClient(ModelEngine):
     async def generate(self, request: EngineRequest) -> Completion:
         route, body = self._route_and_body(request, stream=False)
         start = time.perf_counter()
-        try:
-            async with asyncio.timeout(self.spec.total_timeout):
-                response = await self._send(route, body)
-                try:
-                    await self._raise_for(response)
-                    await response.aread()
-                finally:
-                    await response.aclose()
-        except httpx.HTTPError as exc:
-            raise self._error(exc) from None
-        except TimeoutError:
-            raise self._timed_out("did not finish within its total timeout",
-                                  self.spec.total_timeout) from None
-        try:
-            return self._completion(route, response.json(), request,
-                                    time.perf_counter() - start)
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
-            raise UpstreamError(f"remote model {self.spec.name!r} sent a malformed "
-                                f"response ({_reason(exc)})") from None
+        with self._observed():
+            try:
+                async with asyncio.timeout(self.spec.total_timeout):
+                    response = await self._send(route, body)
+                    try:
+                        await self._raise_for(response)
+                        await response.aread()
+                    finally:
+                        await response.aclose()
+            except httpx.HTTPError as exc:
+                raise self._error(exc) from None
+            except TimeoutError:
+                raise self._timed_out("did not finish within its total timeout",
+                                      self.spec.total_timeout) from None
+            try:
+                return self._completion(route, response.json(), request,
+                                        time.perf_counter() - start)
+            except (ValueError, KeyError, IndexError, TypeError) as exc:
+                raise _malformed(f"remote model {self.spec.name!r} sent a malformed "
+                                 f"response ({_reason(exc)})") from None
 
     async def stream(self, request: EngineRequest) -> AsyncIterator[StreamDelta | Completion]:
         route, body = self._route_and_body(request, stream=True)
@@ -252,43 +312,44 @@ class HttpLLMClient(ModelEngine):
         # Checked between events: a stream's consumer may change tasks, which
         # asyncio.timeout does not allow; a silent remote is caught by `timeout`.
         deadline = start + (self.spec.total_timeout or float("inf"))
-        try:
-            response = await self._send(route, body)
-            async with contextlib.aclosing(response):
-                await self._raise_for(response)
-                async for line in response.aiter_lines():
-                    if time.perf_counter() > deadline:
-                        raise self._timed_out("did not finish within its total timeout",
-                                              self.spec.total_timeout)
-                    if not line.startswith("data:"):
-                        continue
-                    payload = line[5:].strip()
-                    if payload == "[DONE]":
-                        break
-                    event = json.loads(payload)
-                    if "error" in event:
-                        raise UpstreamError(f"remote model {self.spec.name!r}: "
-                                            f"{event['error'].get('message')}")
-                    usage = event.get("usage") or usage
-                    piece, reason = self._piece(route, event)
-                    finish = reason or finish
-                    calls = self._tool_calls(event)
-                    if calls:
-                        yield StreamDelta(text="", tool_calls=calls)
-                    if piece:
-                        ttft = ttft if ttft is not None else time.perf_counter() - start
-                        text.append(piece)
-                        yield StreamDelta(text=piece)
-        except httpx.HTTPError as exc:
-            raise self._error(exc) from None
-        except (ValueError, KeyError, TypeError) as exc:
-            raise UpstreamError(f"remote model {self.spec.name!r} sent a malformed "
-                                f"stream ({_reason(exc)})") from None
-        try:
-            prompt_tokens, completion_tokens = _usage(usage, len(text))
-        except ValueError as exc:
-            raise UpstreamError(f"remote model {self.spec.name!r} sent a malformed "
-                                f"stream ({_reason(exc)})") from None
+        with self._observed():
+            try:
+                response = await self._send(route, body)
+                async with contextlib.aclosing(response):
+                    await self._raise_for(response)
+                    async for line in response.aiter_lines():
+                        if time.perf_counter() > deadline:
+                            raise self._timed_out("did not finish within its total timeout",
+                                                  self.spec.total_timeout)
+                        if not line.startswith("data:"):
+                            continue
+                        payload = line[5:].strip()
+                        if payload == "[DONE]":
+                            break
+                        event = json.loads(payload)
+                        if "error" in event:
+                            raise UpstreamError(f"remote model {self.spec.name!r}: "
+                                                f"{event['error'].get('message')}")
+                        usage = event.get("usage") or usage
+                        piece, reason = self._piece(route, event)
+                        finish = reason or finish
+                        calls = self._tool_calls(event)
+                        if calls:
+                            yield StreamDelta(text="", tool_calls=calls)
+                        if piece:
+                            ttft = ttft if ttft is not None else time.perf_counter() - start
+                            text.append(piece)
+                            yield StreamDelta(text=piece)
+            except httpx.HTTPError as exc:
+                raise self._error(exc) from None
+            except (ValueError, KeyError, TypeError) as exc:
+                raise _malformed(f"remote model {self.spec.name!r} sent a malformed "
+                                 f"stream ({_reason(exc)})") from None
+            try:
+                prompt_tokens, completion_tokens = _usage(usage, len(text))
+            except ValueError as exc:
+                raise _malformed(f"remote model {self.spec.name!r} sent a malformed "
+                                 f"stream ({_reason(exc)})") from None
         yield Completion(text="".join(text), finish_reason=finish, prompt_tokens=prompt_tokens,
                          completion_tokens=completion_tokens, ttft_s=ttft)
 

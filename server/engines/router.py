@@ -30,7 +30,7 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
-from server.api import metrics
+from server import metrics
 from server.config import ModelSpec, RoutingSpec
 from server.engines.base import Completion, EngineRequest, ModelEngine, StreamDelta
 from server.engines.retrybudget import RetryBudget
@@ -79,8 +79,16 @@ class Backend:
         labels = (self.model, self.name)
         self._in_flight = metrics.BACKEND_IN_FLIGHT.labels(*labels)
         self._healthy = metrics.BACKEND_HEALTHY.labels(*labels)
-        self._requests = metrics.BACKEND_REQUESTS.labels(*labels)
-        self._duration = metrics.BACKEND_DURATION.labels(*labels)
+        # A remote client counts its own attempts, duration and errors (with finer
+        # reasons); it only takes this backend's name. The router counts the others,
+        # so that each attempt is counted once.
+        meter_as = getattr(self.engine, "meter_as", None)
+        self._metered = meter_as is None
+        if meter_as is not None:
+            meter_as(self.name)
+        else:
+            self._requests = metrics.BACKEND_REQUESTS.labels(*labels)
+            self._duration = metrics.BACKEND_LATENCY.labels(*labels)
         self._healthy.set(1)
 
     @property
@@ -95,7 +103,8 @@ class Backend:
         self.in_flight += 1
         self.requests += 1
         self._in_flight.inc()
-        self._requests.inc()
+        if self._metered:
+            self._requests.inc()
         return time.perf_counter()
 
     def end(self, started: float, outcome: str) -> None:
@@ -103,14 +112,16 @@ class Backend:
         or a failure reason."""
         self.in_flight -= 1
         self._in_flight.dec()
-        self._duration.observe(time.perf_counter() - started)
+        if self._metered:
+            self._duration.observe(time.perf_counter() - started)
         if outcome == "ok":
             self.failures, self.cooldown = 0, self.routing.cooldown
             self._set_ejected(False)
         elif outcome != "cancelled":
             self.errors += 1
             self.recent.append((time.monotonic(), outcome))
-            metrics.BACKEND_ERRORS.labels(self.model, self.name, outcome).inc()
+            if self._metered:
+                metrics.BACKEND_ERRORS.labels(self.model, self.name, outcome).inc()
             if outcome in FAILURES or outcome == "stream":
                 self._failed()
 

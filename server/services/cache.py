@@ -39,10 +39,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from prometheus_client import Counter
 from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from server import metrics
 from server.db.tables import CompletionCache as Entry
 from server.db.tables import RequestLog, utcnow
 from server.errors import InvalidRequest
@@ -52,25 +52,9 @@ from server.services.sqlitereader import SqliteReader
 
 log = logging.getLogger("llmctl.cache")
 
-# One increment per request, so that summing by `result` gives what the
-# `x-llmctl-cache` headers said. `layer` is what answered a hit: redis, db, or
-# flight (it waited for an identical request in flight); a miss is counted at db
-# (the last layer asked); a bypass at none (nothing was asked).
-CACHE_REQUESTS = Counter(
-    "llmctl_cache_requests_total", "Completion cache lookups by layer and result.",
-    ["layer", "result"],
-)
-
-_SERIES: dict[tuple[str, str], Any] = {}
-
-
-def _count(layer: str, result: str) -> None:
-    """One CACHE_REQUESTS increment; the child is looked up once per label pair
-    (`labels()` validates and locks on every call)."""
-    series = _SERIES.get((layer, result))
-    if series is None:
-        series = _SERIES[(layer, result)] = CACHE_REQUESTS.labels(layer, result)
-    series.inc()
+def _count(model: str, layer: str, result: str) -> None:
+    """One llmctl_cache_requests_total increment (see server/metrics.py)."""
+    metrics.cache_series(model, layer, result).inc()
 
 
 REDIS_PREFIX = "llmctl:cache:"
@@ -383,8 +367,8 @@ class CompletionCache:
         return parse_controls(cache_control, field_value)
 
     @staticmethod
-    def record_bypass() -> None:
-        _count("none", "bypass")
+    def record_bypass(model: str) -> None:
+        _count(model, "none", "bypass")
 
     # ----- lookups
 
@@ -396,17 +380,17 @@ class CompletionCache:
                 value = json.loads(raw)
                 self._note_hit(ck.key)
                 if record:
-                    _count("redis", "hit")
+                    _count(ck.model, "redis", "hit")
                 return value, "redis"
         row = await self._db_read(ck.key)
         if row is None:
             if record:
-                _count("db", "miss")
+                _count(ck.model, "db", "miss")
             return None, None
         value, expires_at = row
         self._note_hit(ck.key)
         if record:
-            _count("db", "hit")
+            _count(ck.model, "db", "hit")
         if self._redis_usable:
             self._repopulate(ck, value, expires_at)
         return value, "db"
@@ -416,7 +400,7 @@ class CompletionCache:
         miss is not (the flight that follows counts it)."""
         value, layer = await self.get(ck, record=False)
         if value is not None:
-            _count(layer, "hit")
+            _count(ck.model, layer, "hit")
         return value, layer
 
     @asynccontextmanager
@@ -453,7 +437,7 @@ class CompletionCache:
         while True:
             value, layer = await self.get(ck, record=False)
             if value is not None:
-                _count(layer, "hit")
+                _count(ck.model, layer, "hit")
                 return Flight(self, ck, store, value=value, layer=layer)
             fut = self._inflight.get(ck.key)
             if fut is not None:
@@ -461,7 +445,7 @@ class CompletionCache:
                     value = await asyncio.shield(fut)
                 except _Abandoned:
                     continue
-                _count("flight", "hit")
+                _count(ck.model, "flight", "hit")
                 return Flight(self, ck, store, value=value, layer="flight")
             fut = asyncio.get_running_loop().create_future()
             self._inflight[ck.key] = fut
@@ -476,7 +460,7 @@ class CompletionCache:
                 # flight between our lookup and our taking the lead.
                 value, layer = await self.get(ck, record=False)
                 if value is None:
-                    _count("db", "miss")
+                    _count(ck.model, "db", "miss")
                     return f
                 await self._release_lock(f)
                 got = value
@@ -485,7 +469,7 @@ class CompletionCache:
                 f.leader, f._done = False, True
                 f.value, f.layer = got, "flight"
                 f._release_local(value=got)
-                _count("flight", "hit")
+                _count(ck.model, "flight", "hit")
                 return f
             f._done = True
             f._release_local()
@@ -580,6 +564,7 @@ class CompletionCache:
         try:
             await asyncio.to_thread(self._db_write, ck, value, len(raw.encode()), expires_at)
         except (SQLAlchemyError, Exception):  # noqa: BLE001
+            metrics.DATABASE_ERRORS.labels("cache_write").inc()
             log.exception("cache: could not store an entry for %s", ck.model)
 
     def _db_write(self, ck: CacheKey, value: dict, size: int, expires_at) -> None:
@@ -667,6 +652,7 @@ class CompletionCache:
                 return self._sqlite.read(key)
             return await asyncio.to_thread(_read_entry, self.db, key)
         except Exception:  # noqa: BLE001 - a cache read never fails a request
+            metrics.DATABASE_ERRORS.labels("cache_read").inc()
             log.exception("cache: database lookup failed")
             return None
 
@@ -679,7 +665,7 @@ class CompletionCache:
     async def _redis(self, fn: Callable) -> Any:
         """`fn(client)` through the handle; _REDIS_DOWN when Redis is down or errs."""
         try:
-            return await self.redis.run(fn, fallback=lambda: _REDIS_DOWN)
+            return await self.redis.run(fn, fallback=lambda: _REDIS_DOWN, operation="cache")
         except Exception:  # noqa: BLE001 - a Redis failure never fails a request
             log.exception("cache: redis call failed")
             return _REDIS_DOWN

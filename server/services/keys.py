@@ -222,7 +222,7 @@ _BY_HASH_SQL = f"SELECT key_hash, {', '.join(_KEY_FIELDS)} FROM api_keys WHERE k
 
 def _find(db, digest: str) -> tuple[str, KeyInfo] | None:
     db.ensure_schema()
-    with db.engine.connect() as conn:
+    with db.connect() as conn:
         row = conn.execute(_BY_HASH, {"h": digest}).first()
     return None if row is None else (row.key_hash, KeyInfo.from_row(row))
 

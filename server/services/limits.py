@@ -39,8 +39,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from prometheus_client import Counter
-
+from server import metrics
 from server.db.tables import utcnow
 from server.errors import QuotaExceeded, RateLimited, Unavailable
 from server.services import quotas
@@ -48,14 +47,6 @@ from server.services.keys import KeyInfo
 from server.services.quotas import current_month, effective_limits, next_month_start
 
 log = logging.getLogger("llmctl.limits")
-
-REJECTIONS = Counter(
-    "llmctl_rate_limit_rejections_total",
-    "Requests refused by a per-key limit, by reason (rate, tokens, concurrency, quota).",
-    ["reason"],
-)
-for _reason in ("rate", "tokens", "concurrency", "quota"):
-    REJECTIONS.labels(_reason)
 
 WINDOW_MS = 60_000
 LEASE_MS = 120_000  # an in-flight slot's lease in Redis; renewed every LEASE_MS / 4
@@ -379,13 +370,14 @@ class Limiter:
             except BaseException:
                 await self._settle(adm, 0, undo_request=True)
                 raise
-            if not held:
+            if held is None:
                 await self._settle(adm, 0, undo_request=True)
                 if check is not None:  # the headers should show the request undone
                     check.req_count -= 1
                     check.tokens += reserve if tpm else 0
                 self._reject_quota(key, quota, reserve, month, _headers(rpm, tpm, check))
             adm.quota_held = True
+            metrics.KEY_QUOTA_USED.labels(str(key.id)).set(held / quota)
             self._quota_leases.add(adm.reservation_id)
             if record is not None:
                 record.reserved_month = month
@@ -409,7 +401,7 @@ class Limiter:
 
         fallback = None if self.redis.fail_closed else local
         try:
-            return await self.redis.run(shared, fallback)
+            return await self.redis.run(shared, fallback, operation="limits")
         except Unavailable as exc:
             raise Unavailable(
                 "rate limits are unavailable: Redis is down and LLMCTL_REDIS_FAIL_CLOSED "
@@ -418,7 +410,6 @@ class Limiter:
 
     def _reject(self, key: KeyInfo, check: _Check, rpm: int, tpm: int, conc: int,
                 reserve: int):
-        REJECTIONS.labels(check.reason).inc()
         headers = _headers(rpm, tpm, check)
         if check.retry_ms != NEVER:
             headers.update(_retry_after(check.retry_ms))
@@ -435,11 +426,12 @@ class Limiter:
         else:
             msg = (f"Too many requests in flight for key {key.name!r}: the limit is {conc} "
                    "at a time.")
-        raise RateLimited(msg, headers=headers)
+        err = RateLimited(msg, headers=headers)
+        err.reason = check.reason  # rate, tokens or concurrency (llmctl_rejections_total)
+        raise err
 
     def _reject_quota(self, key: KeyInfo, quota: int, reserve: int, month: str,
                       headers: dict[str, str]):
-        REJECTIONS.labels("quota").inc()
         resets = next_month_start(month)
         seconds = max(1, math.ceil((resets - utcnow()).total_seconds()))
         raise QuotaExceeded(
@@ -475,7 +467,7 @@ class Limiter:
                         args=[adm.tpm, refund, adm.member, 1 if undo_request else 0])
 
                 # Redis down: its lease expires by itself; nothing to do here.
-                await self.redis.run(shared, lambda: None)
+                await self.redis.run(shared, lambda: None, operation="limits")
             if adm.quota_held:
                 adm.quota_held = False
                 await asyncio.to_thread(quotas.settle, self.db, adm.reservation_id, adm.key.id,
@@ -499,7 +491,7 @@ class Limiter:
                 await self.redis.run(
                     lambda _c, leases=leases: self._script_renew(keys=list(leases.values()),
                                                                   args=[LEASE_MS, *leases]),
-                    lambda: None)
+                    lambda: None, operation="limits")
             except Exception:  # noqa: BLE001
                 log.exception("renewing in-flight leases failed")
 

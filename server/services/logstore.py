@@ -34,7 +34,7 @@ from pathlib import Path
 from sqlalchemy import bindparam, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from server.api import metrics
+from server import metrics
 from server.db.tables import ApiKey, RequestLog, UsageMonthly, utcnow
 from server.services import journal as journals
 from server.services import quotas
@@ -329,7 +329,7 @@ class LogStore:
                 await self.flush()
             except Exception as exc:  # keep the rows; try again next tick
                 self._db_down = True
-                metrics.LOG_WRITE_ERRORS.inc()
+                metrics.DATABASE_ERRORS.labels("log_write").inc()
                 log.warning("request-log write failed (%d rows kept for retry): %s",
                             self.pending, exc)
                 await asyncio.sleep(min(5.0, self.interval * 4))
@@ -351,9 +351,14 @@ class LogStore:
                     await self.flush()
                     return
                 except Exception as exc:
+                    metrics.DATABASE_ERRORS.labels("log_write").inc()
                     log.error("request-log final flush failed (attempt %d): %s",
                               attempt + 1, exc)
                     await asyncio.sleep(0.5)
+            if self.journal is None:  # nowhere else to keep them
+                metrics.LOG_ROWS_DROPPED.inc(self.pending)
+                log.error("request-log: %d rows could not be written and are lost",
+                          self.pending)
         finally:
             if self.journal is not None:
                 self.journal.close()  # what is left is replayed by the next start

@@ -95,23 +95,25 @@ def _first_reserve(db, key_id: int, month: str, tokens: int, quota: int):
         set_={"reserved_tokens": QuotaMonth.reserved_tokens + stmt.excluded.reserved_tokens},
         where=QuotaMonth.used_tokens + QuotaMonth.reserved_tokens
         + stmt.excluded.reserved_tokens <= quota,
-    ).returning(QuotaMonth.key_id)
+    ).returning(QuotaMonth.used_tokens + QuotaMonth.reserved_tokens)
 
 
 def reserve(db, key_id: int, month: str, tokens: int, quota: int, *, record_id: str,
-            lease: float) -> bool:
+            lease: float) -> int | None:
     """Hold `tokens` of the month's `quota` for the request logged as `record_id`, leased
-    for `lease` seconds; False (nothing held) if they do not fit."""
+    for `lease` seconds: the month's committed tokens (used + reserved) with them, or
+    None (nothing held) if they do not fit."""
     cond = update(QuotaMonth).where(
         QuotaMonth.key_id == key_id, QuotaMonth.month == month,
         QuotaMonth.used_tokens + QuotaMonth.reserved_tokens + tokens <= quota,
-    ).values(reserved_tokens=QuotaMonth.reserved_tokens + tokens).execution_options(
+    ).values(reserved_tokens=QuotaMonth.reserved_tokens + tokens).returning(
+        QuotaMonth.used_tokens + QuotaMonth.reserved_tokens).execution_options(
         synchronize_session=False)
     with db.session() as s:
-        held = (s.execute(cond).rowcount == 1
-                or s.execute(_first_reserve(db, key_id, month, tokens, quota)).first()
-                is not None)
-        if held:
+        held = s.execute(cond).scalar()
+        if held is None:
+            held = s.execute(_first_reserve(db, key_id, month, tokens, quota)).scalar()
+        if held is not None:
             s.add(QuotaReservation(record_id=record_id, key_id=key_id, month=month,
                                    tokens=tokens, expires_at=utcnow() + timedelta(seconds=lease)))
         return held

@@ -32,6 +32,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from server import metrics
 from server.errors import Unavailable
 
 log = logging.getLogger("llmctl.redis")
@@ -138,6 +139,7 @@ class RedisHandle:
         try:
             await self.client.ping()
         except DOWN_ERRORS as exc:
+            metrics.REDIS_ERRORS.labels("probe").inc()
             self._mark_down(exc)
             return False
         self._mark_up()
@@ -164,6 +166,7 @@ class RedisHandle:
             try:
                 await self.client.ping()
             except DOWN_ERRORS as exc:
+                metrics.REDIS_ERRORS.labels("probe").inc()
                 self._last_error = redact_redis_url(str(exc).strip().splitlines()[0]
                                                     if str(exc).strip() else type(exc).__name__)
                 continue
@@ -175,14 +178,16 @@ class RedisHandle:
     # ----- calls
 
     async def run(self, fn: Callable[[aioredis.Redis], Awaitable[T]],
-                  fallback: Callable[[], Any] | None = None) -> T:
+                  fallback: Callable[[], Any] | None = None, *, operation: str = "call") -> T:
         """`await fn(client)`, or `fallback()` (awaited if it is async) while Redis is down.
 
-        Without a fallback, a down Redis raises Unavailable (503)."""
+        Without a fallback, a down Redis raises Unavailable (503). `operation` labels
+        llmctl_redis_errors_total when the call fails."""
         if self._available or time.monotonic() >= self._next_retry:
             try:
                 result = await fn(self.client)
             except DOWN_ERRORS as exc:
+                metrics.REDIS_ERRORS.labels(operation).inc()
                 self._mark_down(exc)
             else:
                 self._mark_up()

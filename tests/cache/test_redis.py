@@ -24,7 +24,7 @@ def ck(cache, prompt="p", model="tiny"):
 
 def metric(layer, result):
     return REGISTRY.get_sample_value("llmctl_cache_requests_total",
-                                     {"layer": layer, "result": result}) or 0
+                                     {"model_name": "tiny", "layer": layer, "result": result}) or 0
 
 
 async def test_writes_both_layers_and_reads_redis_first(rcache, redis_url):
@@ -84,7 +84,7 @@ async def test_metrics_count_once_per_request_by_layer(rcache, redis_url):
     await rcache.single_flight(k, produce)
     redis_lib.Redis.from_url(redis_url).delete(k.redis_key)
     await rcache.single_flight(k, produce)
-    rcache.record_bypass()
+    rcache.record_bypass("tiny")
     delta = {lr: metric(*lr) - v for lr, v in before.items()}
     assert delta == {("db", "miss"): 1, ("flight", "hit"): 2, ("redis", "hit"): 1,
                      ("db", "hit"): 1, ("none", "bypass"): 1}

@@ -119,8 +119,8 @@ async def test_lookup_counts_hits_only(cache):
     from prometheus_client import REGISTRY
 
     def sample(layer, result):
-        return REGISTRY.get_sample_value("llmctl_cache_requests_total",
-                                         {"layer": layer, "result": result}) or 0
+        return REGISTRY.get_sample_value("llmctl_cache_requests_total", {
+            "model_name": "tiny", "layer": layer, "result": result}) or 0
 
     k = ck(cache, "lookup")
     misses, hits = sample("db", "miss"), sample("db", "hit")

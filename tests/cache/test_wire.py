@@ -154,7 +154,7 @@ async def gw(make_gateway):
 
 def metric(layer: str, result: str) -> float:
     return REGISTRY.get_sample_value("llmctl_cache_requests_total",
-                                     {"layer": layer, "result": result}) or 0
+                                     {"model_name": "tiny", "layer": layer, "result": result}) or 0
 
 
 def text_of(api: str, body: dict) -> str:

@@ -55,7 +55,7 @@ async def test_an_unexpected_error_is_a_500_envelope_logged_and_counted(gateway,
 
     monkeypatch.setattr(state.gateway, "prepare", broken)
     before = REGISTRY.get_sample_value("llmctl_requests_total", {
-        "route": "/v1/completions", "model": "", "status": "500"}) or 0
+        "route": "/v1/completions", "model_name": "", "status": "500", "cache": "none"}) or 0
     transport = httpx.ASGITransport(app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
         response = await client.post("/v1/completions", json=GOOD,
@@ -63,7 +63,8 @@ async def test_an_unexpected_error_is_a_500_envelope_logged_and_counted(gateway,
     assert response.status_code == 500
     assert response.json()["error"]["type"] == "server_error"
     assert REGISTRY.get_sample_value("llmctl_requests_total", {
-        "route": "/v1/completions", "model": "", "status": "500"}) == before + 1
+        "route": "/v1/completions", "model_name": "", "status": "500",
+        "cache": "none"}) == before + 1
     await state.logstore.flush()
     from sqlalchemy import select
 

@@ -26,14 +26,14 @@ def test_metrics_parse_and_count(live_server):
                 for s in families["llmctl_requests"].samples if s.name.endswith("_total")}
     assert requests[("/v1/generate", "200")] == 2
     tokens = [s for s in families["llmctl_generation_tokens"].samples
-              if s.name.endswith("_total") and s.labels["model"] == "tiny"]
+              if s.name.endswith("_total") and s.labels["model_name"] == "tiny"]
     assert tokens and tokens[0].value == generated
     ttft = [s for s in families["llmctl_time_to_first_token_seconds"].samples
             if s.name.endswith("_count")]
-    assert ttft and ttft[0].value == 1
-    assert "llmctl_request_latency_seconds" in families
+    assert ttft and ttft[0].value == 2  # streamed or not
+    assert "llmctl_e2e_request_latency_seconds" in families
     queued = [s for s in families["llmctl_request_queue_time_seconds"].samples
-              if s.name.endswith("_count") and s.labels["model"] == "tiny"]
+              if s.name.endswith("_count") and s.labels["model_name"] == "tiny"]
     assert queued and queued[0].value == 2
     assert "llmctl_num_requests_running" in families
 

@@ -12,6 +12,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 TOTAL, CONCURRENCY = 300, 24
 KILL_AT, RESTART_AT = 100, 150  # requests finished
@@ -116,6 +117,12 @@ def test_a_backend_killed_mid_run_costs_no_client_request(
     metrics = httpx.get(gw.url + "/metrics").text
     assert 'llmctl_backend_healthy{backend="b2",model_name="tiny"} 1.0' in metrics
     assert 'llmctl_backend_in_flight{backend="b1",model_name="tiny"} 0.0' in metrics
+    # Each attempt is counted once, under the backend's name: the remote client records
+    # it, the router does not record it again.
+    attempts = {s.labels["backend"]: s.value for f in text_string_to_metric_families(metrics)
+                if f.name == "llmctl_backend_requests" for s in f.samples
+                if s.name.endswith("_total") and s.labels["model_name"] == "tiny"}
+    assert attempts == {name: b["requests"] for name, b in by_name.items()}
 
 
 def _healthy(gw, admin) -> dict[str, bool]:

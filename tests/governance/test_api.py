@@ -201,5 +201,5 @@ async def test_readyz_and_metrics_show_governance(gov_gateway, redis_server, red
         over = await complete(gw.client, k)
         assert over.status_code == 429 and over.json()["error"]["code"] == "rate_limit_exceeded"
         metrics = (await gw.client.get("/metrics")).text
-        assert 'llmctl_rate_limit_rejections_total{reason="rate"}' in metrics
+        assert 'llmctl_rejections_total{reason="rate"}' in metrics
         assert gw.state.limiter.status()["mode"] == "redis"

@@ -8,7 +8,8 @@ import asyncio
 import pytest
 
 from server.errors import QuotaExceeded, RateLimited, Unavailable
-from server.services.limits import REJECTIONS, Limiter, format_reset
+from server.metrics import rejection_reason
+from server.services.limits import Limiter, format_reset
 from server.services.redisconn import RedisHandle
 
 HEADERS = ["x-ratelimit-limit-requests", "x-ratelimit-remaining-requests",
@@ -75,10 +76,9 @@ async def test_concurrency_slot_frees_on_settle_and_cancel(sqlite_db, make_setti
     # A quota makes settling wait for its ledger (a thread): a cancel can land mid-settle.
     key = make_key(sqlite_db, max_concurrency=2, monthly_token_quota=10**6)
     a, b = await limiter.admit(key, 1), await limiter.admit(key, 1)
-    before = REJECTIONS.labels("concurrency")._value.get()
-    with pytest.raises(RateLimited, match="in flight"):
+    with pytest.raises(RateLimited, match="in flight") as refused:
         await limiter.admit(key, 1)
-    assert REJECTIONS.labels("concurrency")._value.get() == before + 1
+    assert rejection_reason(refused.value) == "concurrency"  # llmctl_rejections_total
     await a.settle(1)
     await a.settle(1)  # idempotent
     c = await limiter.admit(key, 1)

@@ -13,6 +13,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from server import metrics
 from server.api.deps import State
 from server.errors import LlmctlError
 
@@ -32,6 +33,7 @@ async def readyz(state: State):
         await asyncio.to_thread(state.db.ping)
         checks["database"] = {"ok": True}
     except LlmctlError as exc:
+        metrics.DATABASE_ERRORS.labels("ping").inc()
         checks["database"] = {"ok": False, "reason": exc.message}
     models = {}
     for spec in state.manager.specs:
@@ -59,5 +61,5 @@ async def readyz(state: State):
 @router.get("/metrics", response_class=PlainTextResponse,
             responses={200: {"description": "Prometheus text exposition format",
                              "content": {"text/plain": {"schema": {"type": "string"}}}}})
-async def metrics():
+async def prometheus_metrics():
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
