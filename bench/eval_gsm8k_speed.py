@@ -1,32 +1,34 @@
 """GSM8K items per second: `llmctl eval gsm8k` vs `lm_eval --model hf`, same model,
 same items, same run; with the MMLU 5-shot figure beside it.
 
-Both evaluate one model (by default the ~35M-parameter `small` test model, built
-here) on the same GSM8K-format items (generated deterministically from the
-project's fixtures: the fixtures' questions with varied preambles, the fixtures'
-train split as the 5-shot pool), in one process, with the same torch threads:
+Both evaluate one model on the same GSM8K-format items in one process, with the same
+torch threads:
 
 - lm-eval 0.4.x: `simple_evaluate` with an `HFLM` instance on a task file that is
   lm-eval's own gsm8k.yaml pointed at the items (`--batch-size-lm-eval`, default 8;
   lm-eval's own default is 1);
 - llmctl: `prepare_task` + `run_eval` as `llmctl eval gsm8k` runs them (database
   writes included), generation through the continuous-batching scheduler
-  (`--batch-size`, default 8, rows decoded together).
+  (`--batch-size`, default 8 as in `llmctl eval`, rows decoded together).
 
-A random test model rarely emits a stop string, so every answer would run to the
-256-token cap and no batching could skip work. Real models answer at varied lengths;
-`--eos-rate` (default 0.02) gives the test model that property: the EOS token's row
-of the output layer is scaled so that greedy decoding picks EOS at about that share
-of steps (answer lengths then spread from a few tokens to the cap). Both harnesses
-run this same model. Rounds alternate (lm-eval, llmctl, llmctl, lm-eval, ...), the
-figures are medians. Both extracted answers of every item must be identical; the
-exit status is 0 only then (and 1 if --min-speedup is not reached). Whole
-generations are compared too and counted: static and continuous batches pad
-differently, so float noise can flip a near-tie late in a 256-token gibberish
-answer of the random model.
+The items are synthetic GSM8K-format problems at GSM8K's lengths
+(bench/gsm8k_items.py: 5-shot prompts of ~1,000 tokens), the few-shot pool a second
+such split. The model, by default, is a stand-in for a real one
+(bench/gsm8k_model.py): the ~35M-parameter `small` test model trained for a few
+minutes (cached) so that its answers vary in length (a few dozen tokens to the
+256-token cap) and end in the next `Question:`, where lm-eval's stop string cuts
+them. `--untrained` runs the random `small` model instead: it never writes the stop
+string, every answer runs to the cap, no static batch waits for a long row while the
+others are done, and the figure is the floor that per-step cost alone gives.
+
+Rounds alternate (lm-eval, llmctl, llmctl, lm-eval, ...), the figures are medians.
+Both extracted answers of every item must be identical; the exit status is 0 only
+then (and 1 if --min-speedup is not reached). Whole generations are compared and
+counted too: static and continuous batches pad differently, so float noise could flip
+a near-tie between two tokens.
 
 Usage: python bench/eval_gsm8k_speed.py [--items 64] [--rounds 3] [--batch-size 8]
-       [--mmlu-items-per-subject 25] [--json]
+       [--untrained] [--mmlu-items-per-subject 25] [--json]
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ import argparse
 import json
 import os
 import platform
-import random
 import statistics
 import subprocess
 import sys
@@ -50,28 +51,26 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-FIXTURES = ROOT / "evalsuite" / "fixtures" / "gsm8k"
 
-PREAMBLES = ("", "A short one. ", "Read carefully, then solve the problem step by step. ",
-             "This question comes from a grade-school worksheet about arithmetic. ",
-             "Show your work. The answer is a whole number. ")
+import gsm8k_items  # noqa: E402
+import gsm8k_model  # noqa: E402
 
 
-def make_items(n: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    base = [json.loads(x) for x in (FIXTURES / "test.jsonl").read_text().splitlines()]
-    return [{"question": rng.choice(PREAMBLES) + base[i % len(base)]["question"],
-             "answer": base[i % len(base)]["answer"]} for i in range(n)]
+def make_items(n: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """The test items and the few-shot pool: synthetic GSM8K problems of one to eight
+    steps (bench/gsm8k_items.py)."""
+    return (gsm8k_items.make_split(n, 1000 + seed),
+            gsm8k_items.make_split(50, 2000 + seed))
 
 
-def write_task(work: Path, items: list[dict]) -> tuple[Path, Path]:
+def write_task(work: Path, items: list[dict], pool: list[dict]) -> tuple[Path, Path]:
     import yaml
     from lm_eval import tasks as lm_tasks
 
     data = work / "gsm8k"
     data.mkdir()
-    (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
-    (data / "train.jsonl").write_text((FIXTURES / "train.jsonl").read_text())
+    gsm8k_items.write_split(data / "test.jsonl", items)
+    gsm8k_items.write_split(data / "train.jsonl", pool)
     include = work / "tasks"
     include.mkdir()
     cfg = yaml.safe_load((Path(lm_tasks.__file__).parent / "gsm8k" / "gsm8k.yaml").read_text())
@@ -81,42 +80,6 @@ def write_task(work: Path, items: list[dict]) -> tuple[Path, Path]:
     cfg.pop("tag", None)
     (include / "speed_gsm8k.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     return data, include
-
-
-def tune_eos(model_dir: str, rate: float, items: list[dict]) -> float:
-    """Scale the EOS row of the output layer until greedy decoding picks EOS at about
-    `rate` of the steps on these prompts; save the model. Returns the scale."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    eos = tok.eos_token_id
-    prompts = [tok(f"Question: {d['question']}\nAnswer:", return_tensors="pt")["input_ids"]
-               for d in items[:8]]
-    with torch.inference_mode():
-        # hidden states along greedy continuations (no EOS), once
-        states = []
-        for ids in prompts:
-            out = model.generate(ids, max_new_tokens=64, do_sample=False,
-                                 output_hidden_states=True, return_dict_in_generate=True,
-                                 suppress_tokens=[eos])
-            states += [h[-1][0, -1] for h in out.hidden_states[1:]]
-        hidden = torch.stack(states)
-        weight = model.lm_head.weight
-        logits = hidden @ weight.T
-        others = logits.clone()
-        others[:, eos] = float("-inf")
-        best = others.max(-1).values
-        eos_logit = logits[:, eos]
-        lo, hi = 0.0, 1000.0
-        for _ in range(60):  # bisect the scale on the share of steps EOS would win
-            mid = (lo + hi) / 2
-            share = float((eos_logit * mid > best).float().mean())
-            lo, hi = (lo, mid) if share > rate else (mid, hi)
-        weight[eos] *= hi
-    model.save_pretrained(model_dir)
-    return hi
 
 
 def time_lm_eval(lm, include: Path, limit: int | None = None) -> tuple[float, dict]:
@@ -130,7 +93,8 @@ def time_lm_eval(lm, include: Path, limit: int | None = None) -> tuple[float, di
     seconds = time.perf_counter() - start
     answers: dict[int, dict] = {}
     for s in res["samples"]["speed_gsm8k"]:
-        row = answers.setdefault(s["doc_id"], {"output": s["resps"][0][0]})
+        row = answers.setdefault(s["doc_id"], {"output": s["resps"][0][0],
+                                               "context": s["arguments"][0][0]})
         row[s["filter"]] = s["filtered_resps"][0]
     return seconds, answers
 
@@ -168,13 +132,16 @@ def same_outputs(theirs: dict, ours: dict) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="model directory (default: build the small test "
-                        "model; --eos-rate then modifies it)")
+    parser.add_argument("--model", help="model directory (default: the stand-in model, "
+                        "bench/gsm8k_model.py)")
+    parser.add_argument("--untrained", action="store_true",
+                        help="the random small test model instead of the stand-in")
+    parser.add_argument("--model-cache", default=str(Path.home() / ".cache" / "llmctl-bench"),
+                        help="where the stand-in model is kept between runs")
     parser.add_argument("--items", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8, help="llmctl")
     parser.add_argument("--batch-size-lm-eval", type=int, default=8)
-    parser.add_argument("--eos-rate", type=float, default=0.02)
     parser.add_argument("--mmlu-items-per-subject", type=int, default=25,
                         help="0 skips the MMLU 5-shot figure")
     parser.add_argument("--min-speedup", type=float, default=0.0)
@@ -190,21 +157,23 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.utils.logging.set_verbosity_error()
     work = Path(tempfile.mkdtemp(prefix="llmctl-gsm8k-speed-"))
-    items = make_items(args.items)
-    model_dir, scale = args.model, None
-    if not model_dir:
+    items, pool = make_items(args.items)
+    model_dir = args.model
+    if not model_dir and args.untrained:
         from server.testmodel import create_test_model
 
         model_dir = str(create_test_model(work / "small", "small"))
-        if args.eos_rate:
-            scale = tune_eos(model_dir, args.eos_rate, items)
-    data, include = write_task(work, items)
+    elif not model_dir:
+        model_dir = str(gsm8k_model.build(Path(args.model_cache),
+                                          log=(lambda line: None) if args.json else print))
+    data, include = write_task(work, items, pool)
     lm = HFLM(pretrained=model_dir, batch_size=args.batch_size_lm_eval, device="cpu")
     ours = HFModel(model_dir, batch_size=args.batch_size, device="cpu")
     db = Database(f"sqlite:///{work / 'eval.db'}")
     seconds: dict[str, list[float]] = {"lm_eval": [], "llmctl": []}
     problems: list[str] = []
     lengths: list[int] = []
+    prompts: list[int] = []
     generations: list[int] = []  # per round: items whose whole generation is identical
     for r in range(args.rounds):
         order = ("lm_eval", "llmctl") if r % 2 == 0 else ("llmctl", "lm_eval")
@@ -222,15 +191,16 @@ def main(argv: list[str] | None = None) -> int:
         generations.append(same_outputs(answers["lm_eval"], answers["llmctl"]))
         lengths = [len(ours.tokenizer(a["output"])["input_ids"])
                    for a in answers["llmctl"].values()]
+        prompts = [len(ours.tokenizer(a["context"])["input_ids"])
+                   for a in answers["lm_eval"].values()]
     ours.close()
     med = {k: statistics.median(v) for k, v in seconds.items()}
     report = {
         "commit": _commit(), "machine": _machine(torch), "model": model_dir,
-        "eos_scale": scale, "items": len(items), "rounds": args.rounds,
+        "items": len(items), "rounds": args.rounds,
         "batch_size": {"llmctl": args.batch_size, "lm_eval": args.batch_size_lm_eval},
         "torch_threads": torch.get_num_threads(),
-        "answer_tokens": {"min": min(lengths), "median": statistics.median(lengths),
-                          "max": max(lengths)},
+        "answer_tokens": _spread(lengths), "prompt_tokens": _spread(prompts),
         "gsm8k": {"seconds": seconds,
                   "items_per_s_median": {k: round(len(items) / v, 3) for k, v in med.items()},
                   "speedup_median": round(med["lm_eval"] / med["llmctl"], 2),
@@ -247,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{g['items_per_s_median']['llmctl']} items/s, {g['speedup_median']}x (median "
               f"of {args.rounds}); identical answers: {g['identical_answers']}; identical "
               f"generations per round: {generations}/{len(items)}")
+        print(f"prompt tokens {report['prompt_tokens']}, answer tokens "
+              f"{report['answer_tokens']}")
         for p in problems[:10]:
             print("  " + p)
         if "mmlu_5shot" in report:
@@ -283,6 +255,11 @@ def _mmlu(model_dir: str, args, work: Path, lm, db) -> dict:
             "items_per_s_median": {k: round(len(test) / v, 3) for k, v in med.items()},
             "speedup_median": round(med["lm_eval"] / med["llmctl"], 2),
             "acc": {k: round(v, 4) for k, v in acc.items()}}
+
+
+def _spread(values: list[int]) -> dict:
+    return {"min": min(values), "mean": round(statistics.mean(values)),
+            "median": statistics.median(values), "max": max(values)}
 
 
 def _commit() -> str:
