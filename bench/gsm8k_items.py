@@ -1,12 +1,12 @@
 """Synthetic GSM8K-format items for benchmarks, at GSM8K's lengths.
 
-The project's gsm8k fixtures are ten short problems (answers of about 35 tokens,
-5-shot prompts of about 700), well below the real dataset. These are word problems
-of one to five steps in GSM8K's format, each step a worked line with a <<a+b=c>>
-annotation, then `#### N`: answers of 40 to 170 tokens (mean about 110) with the test
-model's tokenizer and 5-shot prompts of 600 to 1,300 tokens (mean about 980), the
-size of GSM8K's own (2,500 to 3,000 characters, roughly 700 to 1,000 tokens with the
-tokenizers of common open models). Deterministic for a seed.
+The project's gsm8k fixtures are ten short problems (answers of about 65 tokens with
+the test model's tokenizer, 5-shot prompts of about 660), shorter than the real
+dataset's. These are word problems of one to five steps in GSM8K's format, each step
+a worked line with a <<a+b=c>> annotation, then `#### N`: answers of 46 to 187 tokens
+(mean about 113) and 5-shot prompts of 750 to 1,200 tokens (mean about 1,000), around
+the size of lm-eval's gsm8k 5-shot prompts with common open-model tokenizers.
+Deterministic for a seed.
 """
 
 from __future__ import annotations

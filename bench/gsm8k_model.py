@@ -6,8 +6,8 @@ and no static batch ever waits for its longest row while the others are done: th
 waste continuous batching removes does not occur. Real models answer GSM8K in a few
 worked lines and then start the next question. Teaching the small test model real
 arithmetic takes far longer than a benchmark should; what it learns in a few minutes
-on CPU is to memorise one worked answer per name (one to eight lines, 40 to 280
-tokens) and to follow it with the next `Question:`. Asked a GSM8K-format question,
+on CPU is to memorise one worked answer per name (one to eight worked lines, 48 to
+273 tokens) and to follow it with the next `Question:`. Asked a GSM8K-format question,
 it answers at a length set by the question's name, from a few dozen tokens to past
 the cap, imperfectly remembered (so answers vary more than the eight lengths).
 
