@@ -9,8 +9,8 @@ encoded again. Held: at most `max_chars` characters of text (services/memo.py);
 texts longer than `max_text` are always counted afresh.
 
 Encoding takes about a second per megabyte here: a text longer than `inline_text`
-is counted in a worker thread (the Rust tokenizer lets the event loop run
-meanwhile), so one long prompt never stalls every other request.
+is counted in a worker thread, with an encoder that releases the GIL
+(engines/tokenizer.py), so one long prompt never stalls every other request.
 """
 
 from __future__ import annotations

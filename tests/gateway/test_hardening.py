@@ -148,10 +148,11 @@ def test_healthz_answers_while_max_size_prompts_are_processed(live_server_factor
     statuses = [r.status_code for r in results]
     assert statuses == [200, 200, 400, 400], [r.text[:200] for r in results]
     assert fake_remote.requests == 2
-    # Relative, not a wall-clock target (this VM's speed drifts): had tokenizing the
-    # prompts blocked the event loop, one probe would have waited through most of it.
+    # Relative, not a wall-clock target (this VM's speed drifts). Measured: with the
+    # loop free the slowest probe took under 4% of the busy time; when counting the
+    # prompts held the GIL (tokenizers' single encode) one probe waited 47-85% of it.
     assert probes >= 1, f"no probe while the prompts were processed ({busy:.2f}s)"
-    assert worst < busy / 2, f"/healthz took {worst:.2f}s of {busy:.2f}s busy"
+    assert worst < busy / 5, f"/healthz took {worst:.2f}s of {busy:.2f}s busy"
 
 
 async def test_new_requests_during_a_sigterm_drain_get_503(live_server_factory, fake_remote,

@@ -59,3 +59,17 @@ async def test_long_texts_are_counted_off_the_event_loop():
     assert await asyncio.gather(counts.count(engine, long, add_special_tokens=False),
                                 tick()) == [10, None]
     assert len(engine.threads) == 2 and ticks == 1
+
+
+def test_long_and_short_texts_count_as_the_tokenizer_encodes_them(tiny_model_dir):
+    # Long texts take the batch encoder (it releases the GIL); the count must not change.
+    from transformers import AutoTokenizer
+
+    from server.engines.tokenizer import SHORT_TEXT, count
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for text in ("Hello, world.", "héllo wörld 漢字 " * (2 * SHORT_TEXT // 15)):
+        for special in (True, False):
+            expected = tok(text, add_special_tokens=special)["input_ids"]
+            assert count(tok, text, add_special_tokens=special) == len(expected)
+    assert len(text) > SHORT_TEXT
