@@ -30,9 +30,12 @@ class EngineGenerator:
         self.scheduler = Scheduler(
             model, loop_tokenizer, device=torch.device(device), max_batch_size=max_batch_size,
             max_queue=1 << 30, eos_ids=_eos_ids(model, tokenizer), pad_id=_pad_id(tokenizer),
-            # the server's budgets for its device (LocalEngine.load)
-            prefill_group_tokens=32 if cpu else 4096, prefill_chunk_tokens=256 if cpu else 4096,
-            idle_prefill_tokens=1024 if cpu else 16384, name=name)
+            # The server's budgets for its device (LocalEngine.load), but for throughput:
+            # nobody waits on a single eval item, so prefill chunks need not be short to
+            # bound the decoding rows' stall. On a 2-core CPU, 256-token chunks made
+            # prefill of 1,000-token gsm8k prompts 20% slower than 512 or more (bench/).
+            prefill_group_tokens=32 if cpu else 4096, prefill_chunk_tokens=1024 if cpu else 4096,
+            idle_prefill_tokens=2048 if cpu else 16384, name=name)
         self.scheduler.start()
 
     def run(self, jobs: list[tuple[int, list[int], int, tuple[str, ...]]]
