@@ -56,6 +56,7 @@ def test_suite_gates_reports_and_metrics(cli, tmp_path, fixtures, eval_models_ya
     result = cli("eval", "suite", passing, "--quiet")
     assert result.exit_code == 0, result.output
     assert result.stdout.strip().endswith("gates 2 passed, 0 failed")
+    assert result.stdout.count("gates") == 1, result.stdout
     assert len(result.stdout.strip().splitlines()) == 1
 
     suites = cli.json("eval", "runs", "--suite")
