@@ -30,6 +30,7 @@ import fcntl
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -157,7 +158,7 @@ class SuiteLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            holder = _holder_note(fd)
             os.close(fd)
             raise SuiteBusy(f"suite {self.name!r} is already running ({holder}); not "
                             "starting a second run (lock: " f"{self.path})") from None
@@ -171,6 +172,17 @@ class SuiteLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _holder_note(fd: int) -> str:
+    """What the lock's holder wrote of itself. It writes that just after it takes the
+    lock, so an empty file means it is in between: look again for a moment."""
+    for _ in range(20):
+        note = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        if note:
+            return note
+        time.sleep(0.05)
+    return "another process"
 
 
 # --- running -------------------------------------------------------------------------

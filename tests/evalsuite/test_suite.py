@@ -3,18 +3,22 @@ database, the gateway's eval-score gauges, the cron lock and resuming a killed s
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
 import sqlite3
 import subprocess
+import threading
 import time
 import xml.etree.ElementTree as ET
 
 import httpx
+import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from evalsuite.suite import SuiteBusy, SuiteLock
 from tests.plugins.live import LLMCTL
 
 
@@ -180,3 +184,23 @@ def test_tasks_on_one_model_share_one_loaded_model(tmp_path, fixtures):
     assert opened == ["a", "b"]  # once per model, not once per task
     assert [(r["task"], r["model"]) for r in result.runs] == [
         ("gsm8k", "a"), ("summarization", "a"), ("gsm8k", "b"), ("summarization", "b")]
+
+
+def test_a_suite_locked_but_not_yet_labelled_is_reported_with_its_holder(tmp_path):
+    # The holder writes its pid just after taking the lock; a second run that looks in
+    # between still names it (a clean CI run once caught that window).
+    lock = SuiteLock(tmp_path, "nightly")
+    lock.path.parent.mkdir(parents=True)
+    fd = os.open(lock.path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    label = threading.Timer(0.2, os.write, (fd, b"pid 4242, since now"))
+    label.start()
+    try:
+        with pytest.raises(SuiteBusy, match=r"already running \(pid 4242, since now\)"):
+            with lock:
+                pass
+    finally:
+        label.join()
+        os.close(fd)
+    with lock:  # free again once the holder is gone
+        assert "pid" in lock.path.read_text()
